@@ -1,0 +1,229 @@
+"""Shared fixtures: real PostgreSQL, Redis and the AuthN emulator served over loopback.
+
+A missing service skips the tests that need it on a developer's machine, and fails them when
+``CI`` is set (dramatiq's rule): CI must prove everything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import uvicorn
+
+from worker import db as dbmod
+from worker import emulator
+
+#: PostgreSQL server used by the tests; each test gets a fresh database cloned from a template.
+PG_ADMIN_URL = os.environ.get("SESSION_SYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+#: Redis used by the tests (database 15 keeps them apart from anything else on the server).
+REDIS_URL = os.environ.get("SESSION_SYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
+#: Pangea's reference material beside the project (read, never copied in).
+SHARED_DIR = Path(os.environ.get("SESSION_SYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip when a service is absent, but fail in CI where nothing may skip."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: services must be up)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the AuthN emulator, as a real server -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningEmulator:
+    """A live emulator: where it listens, its tokens, and its admin surface."""
+
+    base_url: str
+    service_token: str
+    client_token: str
+    admin: emulator.EmulatorAdmin
+
+
+class _ThreadedServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the test process keeps its own handlers
+        pass
+
+
+def _serve_in_thread(app: object, port: int) -> tuple[_ThreadedServer, threading.Thread]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = _ThreadedServer(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("emulator did not start")
+        time.sleep(0.01)
+    return server, thread
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[RunningEmulator]:
+    """One emulator for the whole run, listening on loopback."""
+    port = free_port()
+    app = emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN)
+    server, thread = _serve_in_thread(app, port)
+    base_url = f"http://127.0.0.1:{port}"
+    admin = emulator.EmulatorAdmin(base_url)
+    yield RunningEmulator(base_url, emulator.DEFAULT_SERVICE_TOKEN, emulator.DEFAULT_CLIENT_TOKEN, admin)
+    admin.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def emu(emulator_server: RunningEmulator) -> Iterator[RunningEmulator]:
+    """The emulator, reset before and after the test (sessions, counters, faults)."""
+    emulator_server.admin.reset()
+    yield emulator_server
+    emulator_server.admin.reset()
+
+
+# --- databases ------------------------------------------------------------------------------------
+
+
+def _pg_available() -> bool:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The PostgreSQL admin URL, after making sure the server answers."""
+    require(_pg_available(), f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+    yield PG_ADMIN_URL
+
+
+def _admin_execute(admin_url: str, statement: str) -> None:
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
+
+
+def _with_database(url: str, name: str) -> str:
+    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> Iterator[str]:
+    """A migrated database used as the template for every test's fresh database."""
+    name = f"sst_template_{uuid.uuid4().hex[:8]}"
+    _admin_execute(pg_server, f'CREATE DATABASE "{name}"')
+    url = _with_database(pg_server, name)
+    dbmod.upgrade(url)
+    yield name
+    _admin_execute(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (no tables)."""
+    name = f"sst_{uuid.uuid4().hex[:12]}"
+    _admin_execute(pg_server, f'CREATE DATABASE "{name}"')
+    yield _with_database(pg_server, name)
+    _admin_execute(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_server: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test."""
+    name = f"sst_{uuid.uuid4().hex[:12]}"
+    _admin_execute(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _with_database(pg_server, name)
+    _admin_execute(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh, migrated SQLite database file for one test."""
+    url = f"sqlite:///{tmp_path / 'session-sync.db'}"
+    dbmod.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated database, once on SQLite and once on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test's fresh database (both backends)."""
+    eng = dbmod.create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+# --- redis ----------------------------------------------------------------------------------------
+
+
+def _redis_available() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A flushed Redis database for one test."""
+    import redis
+
+    require(_redis_available(), f"Redis not reachable at {REDIS_URL}")
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def authn_spec() -> dict[str, object]:
+    """Pangea's AuthN OpenAPI spec from ../shared/specs (reference data, never copied in)."""
+    import json
+
+    path = SHARED_DIR / "specs" / "authn.openapi.json"
+    require(path.exists(), f"Pangea's OpenAPI spec not found at {path} (set SESSION_SYNC_SHARED)")
+    return dict(json.loads(path.read_text()))
+
+
+def http_post(base_url: str, path: str, token: str | None, body: object) -> httpx.Response:
+    """A raw POST, for tests that look at the wire itself."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=10)

@@ -1,0 +1,141 @@
+"""The one error tree of pangea-session-sync.
+
+::
+
+    SessionSyncError
+      ConfigError            a setting is missing or malformed (names the variable)
+      CryptoError            a stored token cannot be decrypted with any configured key
+      AuthnError             no usable answer from Pangea; never revokes anything
+        AuthnUnavailable     timeout, connection error, 5xx
+          AuthnUnreachable     the request never reached Pangea (safe to repeat)
+          AuthnOutcomeUnknown  the request may have been performed but its answer was lost
+        AuthnRateLimited     429 / TooManyRequests; .retry_after
+        AuthnRejectedUs      Unauthorized: our own token is wrong
+        AuthnProtocolError   the body or envelope is not Pangea's
+        AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
+      SessionInvalid         from sessions.authenticate; .www_authenticate
+
+Pangea's *answers* about a user token (``InvalidToken``, ``ExpiredToken``) are not errors: the
+AuthN client returns them as values. Only values may revoke a session (design invariant 1).
+No message in this tree ever contains a token.
+"""
+
+from __future__ import annotations
+
+
+class SessionSyncError(Exception):
+    """Unexpected session-sync error."""
+
+    def __init__(self, *args: object) -> None:
+        # The docstring is the default message; passing args to Exception keeps them picklable.
+        super().__init__(*(args or ((self.__doc__ or "").strip(),)))
+
+
+class ConfigError(SessionSyncError):
+    """Raised when a setting is missing or malformed; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(variable, problem)
+        self.variable = variable
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.problem}"
+
+
+class CryptoError(SessionSyncError):
+    """Raised when a stored token cannot be decrypted with any configured key."""
+
+
+class AuthnError(SessionSyncError):
+    """No usable answer from Pangea AuthN; never a reason to revoke a session."""
+
+    def __init__(self, message: str = "", *, path: str = "", request_id: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+        self.path = path
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), str(self), self.__dict__))
+
+
+def _rebuild(cls: type[AuthnError], message: str, state: dict[str, object]) -> AuthnError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class AuthnUnavailable(AuthnError):
+    """Raised when Pangea could not be reached or answered with a server error (timeout, connection, 5xx)."""
+
+
+class AuthnUnreachable(AuthnUnavailable):
+    """Raised when the request never reached Pangea (connection refused, connect timeout)."""
+
+
+class AuthnOutcomeUnknown(AuthnUnavailable):
+    """Raised when a non-idempotent request may have been performed but its answer was lost."""
+
+
+class AuthnRateLimited(AuthnError):
+    """Raised when Pangea answered TooManyRequests (HTTP 429); ``retry_after`` is in seconds, if given."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        path: str = "",
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, path=path, request_id=request_id)
+        self.retry_after = retry_after
+
+
+class AuthnRejectedUs(AuthnError):
+    """Raised when Pangea answered Unauthorized: our own PANGEA_AUTHN_TOKEN is wrong or lacks rights."""
+
+
+class AuthnProtocolError(AuthnError):
+    """Raised when the response is not Pangea's envelope (not JSON, wrong types, unknown status)."""
+
+
+class AuthnRequestRejected(AuthnError):
+    """Raised when Pangea refused the request itself (ValidationError, NotFound, ...); ``status`` names it."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        path: str = "",
+        request_id: str | None = None,
+        status: str = "",
+    ) -> None:
+        super().__init__(message, path=path, request_id=request_id)
+        self.status = status
+
+
+class SessionInvalid(SessionSyncError):
+    """Raised when a local session cannot authenticate a request; carries the RFC 6750 header value."""
+
+    status_code = 401
+
+    def __init__(self, description: str, *, realm: str = "session-sync", reason: str = "unknown") -> None:
+        super().__init__(description)
+        self.description = description
+        self.realm = realm
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_invalid, (self.description, self.realm, self.reason))
+
+    @property
+    def www_authenticate(self) -> str:
+        """The ``WWW-Authenticate`` value, e.g. ``Bearer realm="x", error="invalid_token", ...``."""
+        description = self.description.replace("\\", "\\\\").replace('"', '\\"')
+        return f'Bearer realm="{self.realm}", error="invalid_token", error_description="{description}"'
+
+
+def _rebuild_invalid(description: str, realm: str, reason: str) -> SessionInvalid:
+    return SessionInvalid(description, realm=realm, reason=reason)

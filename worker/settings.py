@@ -1,0 +1,167 @@
+"""Settings, read once from the environment at the edges (CLI, Celery app, migrations).
+
+Everything else receives a :class:`Settings` or the values it needs. Tests build one from a
+plain dict with :meth:`Settings.from_env`, so nothing patches ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from worker import errors
+
+#: Where the SQLite database lives when DATABASE_URL is not set (embedded defaults).
+DEFAULT_DATABASE_URL = "sqlite:///session-sync.db"
+#: Broker when CELERY_BROKER_URL is not set: kombu's SQLAlchemy transport, no server needed.
+DEFAULT_BROKER_URL = "sqla+sqlite:///session-sync-broker.db"
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def _parse_duration(value: object) -> object:
+    """``"30"``/``"30s"``/``"5m"``/``"2h"``/``"1d"``/``"250ms"`` become seconds; anything else goes to pydantic."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+    return value
+
+
+#: A duration setting: plain seconds or a number with a unit (ms, s, m, h, d).
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class Settings(BaseSettings):
+    """Every setting of session-sync; field aliases are the environment variable names."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    pangea_domain: str | None = Field(None, alias="PANGEA_DOMAIN")
+    pangea_base_url: str | None = Field(None, alias="PANGEA_BASE_URL")
+    pangea_authn_token: SecretStr | None = Field(None, alias="PANGEA_AUTHN_TOKEN", repr=False)
+    database_url: str = Field(DEFAULT_DATABASE_URL, alias="DATABASE_URL")
+    celery_broker_url: str = Field(DEFAULT_BROKER_URL, alias="CELERY_BROKER_URL")
+    encryption_keys: SecretStr | None = Field(None, alias="SESSION_SYNC_ENCRYPTION_KEYS", repr=False)
+
+    # Tuning knobs.
+    check_interval: Duration = Field(timedelta(minutes=5), alias="SESSION_SYNC_CHECK_INTERVAL")
+    sweep_period: Duration = Field(timedelta(seconds=15), alias="SESSION_SYNC_SWEEP_PERIOD")
+    refresh_margin_floor: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_MARGIN")
+    refresh_margin_fraction: float = Field(0.1, ge=0, lt=1, alias="SESSION_SYNC_REFRESH_FRACTION")
+    batch_size: int = Field(500, ge=1, le=10_000, alias="SESSION_SYNC_BATCH_SIZE")
+    concurrency: int = Field(32, ge=1, le=1_000, alias="SESSION_SYNC_CONCURRENCY")
+    rate_limit: float = Field(100.0, gt=0, alias="SESSION_SYNC_RATE_LIMIT")
+    lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
+    http_timeout: float = Field(10.0, gt=0, alias="SESSION_SYNC_HTTP_TIMEOUT")
+    http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
+    revalidation: Literal["auto", "bulk", "per_token"] = Field("auto", alias="SESSION_SYNC_REVALIDATION")
+    max_batches_per_sweep: int = Field(200, ge=1, alias="SESSION_SYNC_MAX_BATCHES_PER_SWEEP")
+    audit_retention: Duration = Field(timedelta(days=30), alias="SESSION_SYNC_AUDIT_RETENTION")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # from_env hands over the mapping explicitly; nothing is read behind its back.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``env`` (default: ``os.environ``); raises ConfigError naming the variable."""
+        env = os.environ if env is None else env
+        known = {field.alias for field in cls.model_fields.values() if field.alias}
+        values: dict[str, Any] = {k: v for k, v in env.items() if k in known and v != ""}
+        try:
+            return cls(**values)
+        except pydantic.ValidationError as exc:
+            raise _config_error(exc) from None
+
+    @field_validator("pangea_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("pangea_domain")
+    @classmethod
+    def _check_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "/" in value or " " in value:
+            raise ValueError("must be a bare domain such as aws.us.pangea.cloud (no scheme, no path)")
+        return value
+
+    @field_validator("pangea_authn_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        if not raw.isascii() or any(c.isspace() for c in raw):
+            raise ValueError("must be a single Pangea token with no spaces")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @property
+    def authn_base_url(self) -> str:
+        """Pangea AuthN's base URL: PANGEA_BASE_URL, else ``https://authn.<PANGEA_DOMAIN>``."""
+        if self.pangea_base_url:
+            return self.pangea_base_url
+        if self.pangea_domain:
+            return f"https://authn.{self.pangea_domain}"
+        raise errors.ConfigError("PANGEA_DOMAIN", "not set (or set PANGEA_BASE_URL)")
+
+    @property
+    def authn_token(self) -> str:
+        """The AuthN token; raises ConfigError if PANGEA_AUTHN_TOKEN is not set."""
+        if self.pangea_authn_token is None:
+            raise errors.ConfigError("PANGEA_AUTHN_TOKEN", "not set")
+        return self.pangea_authn_token.get_secret_value()
+
+    @property
+    def bulk_revalidation(self) -> bool:
+        """Whether sweeps ask ``/v2/session/list`` in bulk (auto: when the token is a service token)."""
+        if self.revalidation == "auto":
+            return self.pangea_authn_token is not None and self.authn_token.startswith("pts_")
+        return self.revalidation == "bulk"
+
+    @property
+    def refresh_lease(self) -> timedelta:
+        """How long a refresh holds its session: longer than the refresh call can take (3 timeouts)."""
+        return max(self.lease, timedelta(seconds=self.http_timeout * 3 + 60))
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is SQLite (embedded / development)."""
+        return self.database_url.startswith("sqlite")
+
+
+def _config_error(exc: pydantic.ValidationError) -> errors.ConfigError:
+    first = exc.errors()[0]
+    variable = str(first["loc"][0]) if first["loc"] else "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    return errors.ConfigError(variable, message)
