@@ -1,0 +1,118 @@
+"""The envelope parser and result types: strict about Pangea's shape, never crashing on junk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker import errors, wire
+
+TOKEN = {
+    "id": "pmt_" + "a" * 32,
+    "type": "user",
+    "identity": "pui_" + "b" * 32,
+    "email": "ada@example.com",
+    "expire": "2026-11-29T10:00:00.123456789Z",
+    "life": 3600,
+    "created_at": "2026-11-28T10:00:00Z",
+    "profile": {"first_name": "Ada"},
+    "token": "ptu_" + "c" * 32,
+}
+
+
+def envelope(**overrides: object) -> bytes:
+    body = {
+        "request_id": "prq_" + "d" * 32,
+        "request_time": "2026-11-28T10:00:00Z",
+        "response_time": "2026-11-28T10:00:00Z",
+        "status": "Success",
+        "summary": "ok",
+        "result": {},
+    } | overrides
+    return json.dumps(body).encode()
+
+
+def test_parses_a_success_envelope() -> None:
+    env = wire.parse_envelope(envelope(result={"x": 1}), path="/p", header_request_id=None)
+    assert env.status == "Success" and env.result == {"x": 1} and env.request_id.startswith("prq_")
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"<html>502 Bad Gateway</html>", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (envelope()[:-1], "not JSON"),
+        (json.dumps({"status": "Success", "summary": "", "result": None}).encode(), "lacks request_id"),
+        (envelope(status=1), "wrong type"),
+        (envelope(summary=None), "wrong type"),
+    ],
+)
+def test_rejects_what_is_not_pangeas_envelope(body: bytes, problem: str) -> None:
+    with pytest.raises(errors.AuthnProtocolError, match=problem):
+        wire.parse_envelope(body, path="/p", header_request_id="prq_h")
+
+
+def test_token_info_keeps_nanosecond_timestamps_and_hides_the_secret() -> None:
+    info = wire.TokenInfo.from_wire(TOKEN, where="result")
+    assert info.expire.microsecond == 123456 and info.expire.tzinfo is not None
+    assert TOKEN["token"] not in repr(info)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", None), ("life", "3600"), ("life", True), ("expire", "tomorrow"), ("profile", {"age": 3}), ("scopes", "x")],
+)
+def test_token_info_rejects_wrong_types(field: str, value: object) -> None:
+    with pytest.raises(errors.AuthnProtocolError, match=field):
+        wire.TokenInfo.from_wire(TOKEN | {field: value}, where="result")
+
+
+def test_session_creds_need_both_secrets() -> None:
+    result = {"active_token": TOKEN, "refresh_token": TOKEN | {"token": None, "type": "session"}}
+    with pytest.raises(errors.AuthnProtocolError, match="secret"):
+        wire.SessionCreds.from_wire(result, request_id="prq_x")
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("", None),
+        ("7", 7.0),
+        ("2.5", 2.5),
+        ("-3", 0.0),
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ],
+)
+def test_retry_after(header: str | None, seconds: float | None) -> None:
+    assert wire.parse_retry_after(header) == seconds
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_body_is_an_envelope_or_a_protocol_error(body: bytes) -> None:
+    try:
+        env = wire.parse_envelope(body, path="/p", header_request_id=None)
+    except errors.AuthnProtocolError:
+        return
+    assert isinstance(env.status, str) and isinstance(env.request_id, str)
+
+
+@given(st.dictionaries(st.sampled_from(sorted(TOKEN)), json_values, max_size=10))
+def test_any_result_is_a_session_page_or_a_protocol_error(item: dict[str, object]) -> None:
+    for result in ({"sessions": [item], "last": ""}, item, {"sessions": item}):
+        try:
+            wire.SessionPage.from_wire(result, request_id="prq_x")
+        except errors.AuthnProtocolError:
+            pass

@@ -1,0 +1,332 @@
+"""AuthnClient: httpx in, typed outcomes out.
+
+Pangea's *answers* about a token (Success, InvalidToken, ExpiredToken) come back as values from
+``worker.wire``; *failures to get an answer* are raised from ``worker.errors``. Only values can
+revoke a session: design invariant 1, expressed in the types.
+
+Retries: transient failures (timeouts, connection errors, 5xx, 429 with a short Retry-After) are
+retried with exponential backoff and full jitter. Requests that change state at Pangea and are not
+safe to repeat (code exchange, refresh: refresh tokens are one-time use) are retried only when the
+request surely never reached Pangea; otherwise the failure is ``AuthnOutcomeUnknown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+import tenacity
+
+import worker
+from worker import errors, wire
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Our User-Agent, so Pangea (and the emulator's logs) can tell us apart from the SDKs.
+USER_AGENT = f"pangea-session-sync/{worker.__version__} httpx/{httpx.__version__}"
+#: Longest Retry-After we wait for inside one call; longer ones are raised for the caller to schedule.
+DEFAULT_MAX_RETRY_AFTER = 5.0
+#: First backoff step in seconds; later steps double, each drawn uniformly from [0, step] (full jitter).
+DEFAULT_BACKOFF = 0.25
+#: Cap on one backoff step in seconds.
+DEFAULT_BACKOFF_CAP = 4.0
+
+#: Errors raised before any byte of the request left: always safe to retry.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class AuthnClient:
+    """One pooled async client to Pangea AuthN per process.
+
+    Parameters
+    ----------
+    base_url:
+        ``https://authn.<domain>`` or the emulator's address.
+    token:
+        The AuthN service token (``pts_``) or a client token (``pcl_``, ``/v2/client/*`` only).
+    transport:
+        An httpx transport, for tests that must not open sockets (ours use a real emulator).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: str,
+        timeout: float = 10.0,
+        retries: int = 3,
+        max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff: float = DEFAULT_BACKOFF,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+    ) -> None:
+        self._retries = retries
+        self._backoff = backoff
+        self._max_retry_after = max_retry_after
+        self._timeout = timeout
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            transport=transport,
+            limits=limits,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> AuthnClient:
+        """A client configured from settings (base URL, token, timeout, retries, concurrency)."""
+        options: dict[str, Any] = {
+            "base_url": settings.authn_base_url,
+            "token": settings.authn_token,
+            "timeout": settings.http_timeout,
+            "retries": settings.http_retries,
+            "max_connections": max(settings.concurrency, 10),
+        }
+        options.update(overrides)
+        return cls(**options)
+
+    async def __aenter__(self) -> AuthnClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    async def userinfo(self, code: str) -> wire.SessionCreds:
+        """POST /v2/client/userinfo: exchange a one-time login code for the session's tokens."""
+        env = await self._call("/v2/client/userinfo", {"code": code}, idempotent=False)
+        return wire.SessionCreds.from_wire(self._expect_success(env, "/v2/client/userinfo"), request_id=env.request_id)
+
+    async def check_token(self, token: str) -> wire.TokenCheck:
+        """POST /v2/client/token/check: Pangea's verdict on an active token."""
+        path = "/v2/client/token/check"
+        env = await self._call(path, {"token": token})
+        verdict = self._verdict(env, path)
+        if verdict is not wire.Verdict.VALID:
+            return wire.TokenCheck(verdict=verdict, request_id=env.request_id)
+        info = wire.TokenInfo.from_wire(env.result, where="result")
+        return wire.TokenCheck(verdict=verdict, request_id=env.request_id, info=info)
+
+    async def refresh(self, refresh_token: str, *, user_token: str | None = None) -> wire.Refresh:
+        """POST /v2/client/session/refresh: rotate the tokens. The old refresh token is spent.
+
+        Never repeated once it may have reached Pangea: a lost answer raises AuthnOutcomeUnknown.
+        The read timeout is three times the usual one, so a slow answer is not abandoned early.
+        """
+        path = "/v2/client/session/refresh"
+        body: dict[str, Any] = {"refresh_token": refresh_token}
+        if user_token is not None:
+            body["user_token"] = user_token
+        env = await self._call(path, body, idempotent=False, timeout=self._timeout * 3)
+        verdict = self._verdict(env, path)
+        if verdict is not wire.Verdict.VALID:
+            return wire.Refresh(verdict=verdict, request_id=env.request_id)
+        creds = wire.SessionCreds.from_wire(env.result, request_id=env.request_id)
+        return wire.Refresh(verdict=verdict, request_id=env.request_id, creds=creds)
+
+    async def client_logout(self, token: str) -> wire.Ended:
+        """POST /v2/client/session/logout: end the session of an active token (idempotent in effect)."""
+        path = "/v2/client/session/logout"
+        env = await self._call(path, {"token": token})
+        return wire.Ended(verdict=self._verdict(env, path), request_id=env.request_id)
+
+    async def client_session_list(
+        self, token: str, *, filter: Mapping[str, Any] | None = None, **paging: Any
+    ) -> wire.SessionPage:
+        """POST /v2/client/session/list: the sessions of the user who holds ``token``."""
+        path = "/v2/client/session/list"
+        env = await self._call(path, _list_body(filter, paging) | {"token": token})
+        return wire.SessionPage.from_wire(self._expect_success(env, path), request_id=env.request_id)
+
+    async def client_session_invalidate(self, token: str, session_id: str) -> wire.Ended:
+        """POST /v2/client/session/invalidate: end one session of the user who holds ``token``."""
+        path = "/v2/client/session/invalidate"
+        env = await self._call(path, {"token": token, "session_id": session_id})
+        return wire.Ended(verdict=self._verdict(env, path), request_id=env.request_id)
+
+    async def session_list(self, *, filter: Mapping[str, Any] | None = None, **paging: Any) -> wire.SessionPage:
+        """POST /v2/session/list (service token): one page of the project's sessions.
+
+        ``paging`` takes ``size``, ``last``, ``order`` and ``order_by`` as Pangea names them.
+        """
+        path = "/v2/session/list"
+        env = await self._call(path, _list_body(filter, paging))
+        return wire.SessionPage.from_wire(self._expect_success(env, path), request_id=env.request_id)
+
+    async def sessions_by_active_token_ids(self, token_ids: list[str]) -> dict[str, wire.SessionItem]:
+        """Live sessions whose current active token id is in ``token_ids``, by that id (all pages)."""
+        found: dict[str, wire.SessionItem] = {}
+        last = ""
+        while True:
+            page = await self.session_list(
+                filter={"active_token_id__in": token_ids}, size=max(len(token_ids), 1), last=last or None
+            )
+            for item in page.sessions:
+                if item.active_token is not None:
+                    found[item.active_token.id] = item
+            if not page.last or not page.sessions:
+                return found
+            last = page.last
+
+    async def session_logout(self, user_id: str) -> wire.Ended:
+        """POST /v2/session/logout (service token): end every session of a user."""
+        path = "/v2/session/logout"
+        env = await self._call(path, {"user_id": user_id})
+        return wire.Ended(verdict=self._verdict(env, path), request_id=env.request_id)
+
+    async def session_invalidate(self, session_id: str) -> wire.Ended:
+        """POST /v2/session/invalidate (service token): end one session by its ``pmt_`` id."""
+        path = "/v2/session/invalidate"
+        env = await self._call(path, {"session_id": session_id})
+        return wire.Ended(verdict=self._verdict(env, path), request_id=env.request_id)
+
+    async def jwks(self) -> list[dict[str, Any]]:
+        """POST /v2/client/jwks: the keys that sign JWT active tokens."""
+        path = "/v2/client/jwks"
+        env = await self._call(path, {})
+        result = self._expect_success(env, path)
+        keys = result.get("keys") if isinstance(result, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+            raise errors.AuthnProtocolError(f"{path}: result.keys is not a list of objects", path=path)
+        return keys
+
+    # --- the wire ----------------------------------------------------------------------------
+
+    async def _call(
+        self, path: str, body: Mapping[str, Any], *, idempotent: bool = True, timeout: float | None = None
+    ) -> wire.Envelope:
+        """POST once or more (per the retry policy) and return the parsed envelope."""
+        retried_ids: list[str] = []
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._retries + 1),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception(
+                lambda exc: _should_retry(exc, idempotent=idempotent, max_retry_after=self._max_retry_after)
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_once(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        retried_ids: list[str],
+        *,
+        idempotent: bool,
+        timeout: float | None,
+    ) -> wire.Envelope:
+        headers = {"X-Pangea-Retried-Request-Ids": ",".join(retried_ids)} if retried_ids else None
+        try:
+            response = await self._http.post(
+                path,
+                content=orjson.dumps(body),
+                headers=headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            )
+        except _NOT_SENT as exc:
+            raise errors.AuthnUnreachable(f"{path}: {type(exc).__name__}", path=path) from exc
+        except httpx.HTTPError as exc:
+            # Sent, perhaps performed, answer lost: a timeout, a reset, a cut-off body.
+            cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
+            raise cls(f"{path}: {type(exc).__name__} after sending", path=path) from exc
+        header_id = response.headers.get("x-request-id")
+        if header_id:
+            retried_ids.append(header_id)
+        return _classify(response, path, header_id, idempotent=idempotent)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, errors.AuthnRateLimited) and exc.retry_after is not None:
+            return exc.retry_after
+        step = min(self._backoff * 2 ** (state.attempt_number - 1), DEFAULT_BACKOFF_CAP)
+        return random.uniform(0, step)
+
+    @staticmethod
+    def _verdict(env: wire.Envelope, path: str) -> wire.Verdict:
+        verdict = wire.VERDICT_STATUSES.get(env.status)
+        if verdict is None:
+            raise errors.AuthnRequestRejected(
+                f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
+            )
+        return verdict
+
+    @staticmethod
+    def _expect_success(env: wire.Envelope, path: str) -> Any:
+        if env.status != "Success":
+            raise errors.AuthnRequestRejected(
+                f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
+            )
+        return env.result
+
+
+def _classify(response: httpx.Response, path: str, header_id: str | None, *, idempotent: bool) -> wire.Envelope:
+    """The envelope of a response that Pangea answers for itself; failures raised by class."""
+    code = response.status_code
+    if code == 429:
+        raise errors.AuthnRateLimited(
+            f"{path}: TooManyRequests",
+            path=path,
+            request_id=header_id,
+            retry_after=wire.parse_retry_after(response.headers.get("retry-after")),
+        )
+    if code == 401:
+        raise errors.AuthnRejectedUs(
+            f"{path}: Unauthorized (check PANGEA_AUTHN_TOKEN)", path=path, request_id=header_id
+        )
+    if code >= 500:
+        cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
+        raise cls(f"{path}: HTTP {code}", path=path, request_id=header_id)
+    env = wire.parse_envelope(response.content, path=path, header_request_id=header_id)
+    if env.status == "TooManyRequests":
+        retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
+        raise errors.AuthnRateLimited(
+            f"{path}: TooManyRequests", path=path, request_id=env.request_id, retry_after=retry_after
+        )
+    if env.status == "Unauthorized":
+        raise errors.AuthnRejectedUs(
+            f"{path}: Unauthorized (check PANGEA_AUTHN_TOKEN)", path=path, request_id=env.request_id
+        )
+    if env.status in ("InternalError", "ServiceNotAvailable"):
+        raise errors.AuthnUnavailable(f"{path}: {env.status}", path=path, request_id=env.request_id)
+    if env.status == "Success" and code != 200:
+        raise errors.AuthnProtocolError(f"{path}: Success under HTTP {code}", path=path, request_id=env.request_id)
+    return env
+
+
+def _should_retry(exc: BaseException, *, idempotent: bool, max_retry_after: float) -> bool:
+    if isinstance(exc, errors.AuthnRateLimited):
+        return exc.retry_after is None or exc.retry_after <= max_retry_after
+    if isinstance(exc, errors.AuthnOutcomeUnknown):
+        return False
+    if isinstance(exc, errors.AuthnUnreachable):
+        return True
+    return isinstance(exc, errors.AuthnUnavailable) and idempotent
+
+
+def _list_body(filter: Mapping[str, Any] | None, paging: Mapping[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {k: v for k, v in paging.items() if v is not None}
+    if filter:
+        body["filter"] = dict(filter)
+    return body

@@ -1,0 +1,96 @@
+"""One outbound request rate per Pangea project, shared by every worker process.
+
+Celery's ``rate_limit`` is per worker, so N workers would send N times the rate. With a Redis
+broker the bucket lives in Redis (one Lua script, atomic); without one (SQLite, cron) it lives in
+the process, which is then the only sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Protocol
+
+#: Redis key prefix of the shared buckets.
+KEY_PREFIX = "session-sync:ratelimit:"
+
+# KEYS[1] bucket; ARGV: rate per second, burst, tokens wanted. Redis's own clock is the clock, so
+# workers on hosts with skewed clocks still share one rate.
+# Returns 0 when granted, else the milliseconds to wait before trying again.
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= want then
+  tokens = tokens - want
+else
+  wait = math.ceil((want - tokens) / rate * 1000)
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return wait
+"""
+
+
+class RateLimiter(Protocol):
+    """Waits until one more request to Pangea may be sent."""
+
+    async def acquire(self) -> None:
+        """Return when a request may go out."""
+
+
+class LocalRateLimiter:
+    """A token bucket in this process: for a single sender (SQLite, ``sweep --once``, tests)."""
+
+    def __init__(self, rate: float, *, burst: float | None = None) -> None:
+        self._rate = rate
+        self._burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self._burst
+        self._at = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Take one token, sleeping as long as the bucket needs to refill."""
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+                self._at = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
+class RedisRateLimiter:
+    """A token bucket in Redis, shared by every worker that talks to the same Pangea project."""
+
+    def __init__(self, redis_url: str, *, project: str, rate: float, burst: float | None = None) -> None:
+        import redis.asyncio
+
+        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._script = self._redis.register_script(_TAKE)
+        # The project (base URL + token) is hashed: the key must not carry the token.
+        self._key = KEY_PREFIX + hashlib.sha256(project.encode()).hexdigest()[:16]
+        self._rate = rate
+        self._burst = burst if burst is not None else max(1.0, rate)
+
+    async def acquire(self) -> None:
+        """Take one token from the shared bucket, sleeping as Redis says."""
+        while True:
+            wait_ms = int(await self._script(keys=[self._key], args=[self._rate, self._burst, 1]))
+            if wait_ms <= 0:
+                return
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def aclose(self) -> None:
+        """Close the Redis connection pool."""
+        await self._redis.aclose()

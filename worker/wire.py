@@ -1,0 +1,265 @@
+"""Pangea AuthN's wire format: the response envelope, parsed strictly, and typed results.
+
+Pure data in, data out: no I/O here. ``worker.authn`` sends requests and hands the raw answer to
+:func:`parse_envelope`; everything that is not Pangea's envelope becomes ``AuthnProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from worker import errors
+
+#: The six keys of every Pangea response, no more, no fewer.
+ENVELOPE_KEYS = frozenset({"request_id", "request_time", "response_time", "status", "summary", "result"})
+
+_FRACTION = re.compile(r"\.(\d{6})\d+")
+
+
+class Verdict(enum.StrEnum):
+    """Pangea's answer about a user token: the only values that may revoke a local session."""
+
+    VALID = "valid"  #: Success
+    EXPIRED = "expired"  #: ExpiredToken
+    INVALID = "invalid"  #: InvalidToken
+
+
+#: Envelope statuses that are answers about a user token, not failures.
+VERDICT_STATUSES = {"Success": Verdict.VALID, "ExpiredToken": Verdict.EXPIRED, "InvalidToken": Verdict.INVALID}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed Pangea response envelope."""
+
+    status: str
+    summary: str
+    result: Any
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenInfo:
+    """A token object (``authn-token-info-creds``/``-nocreds``); ``token`` is the secret, when sent."""
+
+    id: str
+    type: str
+    identity: str
+    email: str
+    expire: datetime
+    life: int
+    created_at: datetime
+    profile: Mapping[str, str]
+    scopes: tuple[str, ...] = ()
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: object, *, where: str) -> TokenInfo:
+        """A TokenInfo from a decoded JSON object; AuthnProtocolError names the bad field."""
+        obj = _object(data, where)
+        token = obj.get("token")
+        scopes = obj.get("scopes") or []
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise errors.AuthnProtocolError(f"{where}.scopes is not a list of strings")
+        return cls(
+            id=_str(obj, "id", where),
+            type=_str(obj, "type", where),
+            identity=_str(obj, "identity", where),
+            email=_str(obj, "email", where),
+            expire=_datetime(obj, "expire", where),
+            life=_int(obj, "life", where),
+            created_at=_datetime(obj, "created_at", where),
+            profile=_profile(obj.get("profile"), where),
+            scopes=tuple(scopes),
+            token=token if isinstance(token, str) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionCreds:
+    """What ``/v2/client/userinfo`` and ``/v2/client/session/refresh`` return: both tokens, with secrets."""
+
+    active_token: TokenInfo
+    refresh_token: TokenInfo
+    request_id: str
+
+    @classmethod
+    def from_wire(cls, result: object, *, request_id: str) -> SessionCreds:
+        """SessionCreds from an envelope's ``result``; both tokens must carry their secret."""
+        obj = _object(result, "result")
+        active = TokenInfo.from_wire(obj.get("active_token"), where="result.active_token")
+        refresh = TokenInfo.from_wire(obj.get("refresh_token"), where="result.refresh_token")
+        if active.token is None or refresh.token is None:
+            raise errors.AuthnProtocolError("result tokens carry no secret")
+        return cls(active_token=active, refresh_token=refresh, request_id=request_id)
+
+    @property
+    def session_id(self) -> str:
+        """Pangea's session id: the refresh token's ``pmt_`` id."""
+        return self.refresh_token.id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenCheck:
+    """Pangea's verdict on one token (``/v2/client/token/check``); ``info`` when valid."""
+
+    verdict: Verdict
+    request_id: str
+    info: TokenInfo | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refresh:
+    """The answer to a refresh: new credentials when valid, else why the refresh token was refused."""
+
+    verdict: Verdict
+    request_id: str
+    creds: SessionCreds | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ended:
+    """The answer to a logout or invalidate: VALID means ended now, EXPIRED/INVALID means already gone."""
+
+    verdict: Verdict
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionItem:
+    """One session of a list (``authn-session-info-nocreds``)."""
+
+    id: str
+    identity: str
+    email: str
+    expire: datetime
+    created_at: datetime
+    active_token: TokenInfo | None
+
+    @classmethod
+    def from_wire(cls, data: object, *, where: str) -> SessionItem:
+        """A SessionItem from a decoded JSON object."""
+        obj = _object(data, where)
+        active = obj.get("active_token")
+        return cls(
+            id=_str(obj, "id", where),
+            identity=_str(obj, "identity", where),
+            email=_str(obj, "email", where),
+            expire=_datetime(obj, "expire", where),
+            created_at=_datetime(obj, "created_at", where),
+            active_token=None if active is None else TokenInfo.from_wire(active, where=f"{where}.active_token"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionPage:
+    """One page of ``/v2/session/list`` or ``/v2/client/session/list``; ``last`` is "" on the last page."""
+
+    sessions: tuple[SessionItem, ...]
+    last: str
+    count: int | None
+    request_id: str
+
+    @classmethod
+    def from_wire(cls, result: object, *, request_id: str) -> SessionPage:
+        """A SessionPage from an envelope's ``result``."""
+        obj = _object(result, "result")
+        items = obj.get("sessions")
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise errors.AuthnProtocolError("result.sessions is not a list")
+        last = obj.get("last", "")
+        count = obj.get("count")
+        if not isinstance(last, str) or not (count is None or type(count) is int):
+            raise errors.AuthnProtocolError("result.last or result.count has the wrong type")
+        sessions = tuple(SessionItem.from_wire(s, where=f"result.sessions[{i}]") for i, s in enumerate(items))
+        return cls(sessions=sessions, last=last, count=count, request_id=request_id)
+
+
+def parse_envelope(body: bytes, *, path: str, header_request_id: str | None) -> Envelope:
+    """The envelope of one response body; AuthnProtocolError when it is not exactly Pangea's."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise errors.AuthnProtocolError(
+            f"{path}: response is not JSON", path=path, request_id=header_request_id
+        ) from None
+    if not isinstance(data, dict):
+        raise errors.AuthnProtocolError(
+            f"{path}: response is not a JSON object", path=path, request_id=header_request_id
+        )
+    missing = {"request_id", "status", "summary", "result"} - data.keys()
+    if missing:
+        raise errors.AuthnProtocolError(
+            f"{path}: envelope lacks {', '.join(sorted(missing))}", path=path, request_id=header_request_id
+        )
+    request_id, status, summary = data["request_id"], data["status"], data["summary"]
+    if not all(isinstance(v, str) for v in (request_id, status, summary)):
+        raise errors.AuthnProtocolError(
+            f"{path}: envelope fields have the wrong type", path=path, request_id=header_request_id
+        )
+    return Envelope(status=status, summary=summary, result=data["result"], request_id=request_id)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _object(data: object, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise errors.AuthnProtocolError(f"{where} is not an object")
+    return data
+
+
+def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise errors.AuthnProtocolError(f"{where}.{key} is missing or not a string")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int:
+        raise errors.AuthnProtocolError(f"{where}.{key} is missing or not an integer")
+    return value
+
+
+def _datetime(obj: Mapping[str, Any], key: str, where: str) -> datetime:
+    value = _str(obj, key, where)
+    try:
+        parsed = datetime.fromisoformat(_FRACTION.sub(r".\1", value))
+    except ValueError:
+        raise errors.AuthnProtocolError(f"{where}.{key} is not an ISO-8601 date-time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _profile(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise errors.AuthnProtocolError(f"{where}.profile is not an object of strings")
+    return dict(value)
