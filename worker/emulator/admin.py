@@ -1,0 +1,69 @@
+"""EmulatorAdmin: a small synchronous client for the emulator's admin surface (tests, demos, benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+
+class EmulatorAdminError(RuntimeError):
+    """Raised when the emulator refuses an admin request; the message is its explanation."""
+
+
+class EmulatorAdmin:
+    """Logs users in, sets faults, reads counters and resets a running emulator at ``base_url``."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def login(
+        self,
+        email: str,
+        *,
+        active_ttl: float = 3600,
+        refresh_ttl: float = 86400,
+        profile: Mapping[str, str] | None = None,
+    ) -> str:
+        """A one-time ``pmc_`` code for a new session of ``email``, to exchange at ``/v2/client/userinfo``."""
+        body: dict[str, Any] = {"email": email, "active_ttl": active_ttl, "refresh_ttl": refresh_ttl}
+        if profile is not None:
+            body["profile"] = dict(profile)
+        return str(self._call("POST", "/emulator/login", body)["code"])
+
+    def faults(self, **faults: Any) -> None:
+        """Set faults: ``latency_ms``, ``error_rate``, ``error``, ``retry_after``, ``paths`` (none: clear)."""
+        self._call("POST", "/emulator/faults", faults)
+
+    def clear_faults(self) -> None:
+        """Remove every fault."""
+        self._call("POST", "/emulator/faults", {})
+
+    def stats(self) -> dict[str, Any]:
+        """``{"requests": {"<path>": {"<http status>": count}}}`` since the last reset."""
+        return dict(self._call("GET", "/emulator/stats"))
+
+    def reset(self) -> None:
+        """Forget every session, code, counter and fault."""
+        self._call("POST", "/emulator/reset", {})
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> EmulatorAdmin:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, body: object = None) -> Any:
+        response = self._http.request(method, path, json=body)
+        if response.status_code == 400:
+            raise EmulatorAdminError(str(response.json().get("error", response.text)))
+        response.raise_for_status()
+        return response.json()

@@ -1,0 +1,111 @@
+"""Injected faults: what ``POST /emulator/faults`` sets and how one request draws its fate.
+
+``{"latency_ms", "error_rate", "error", "retry_after", "paths"}``, all optional; ``{}`` clears.
+``latency_ms`` delays every request in scope; then, with probability ``error_rate``, ``error``
+happens instead of (or, for ``Dropped``, after) the real answer:
+
+- ``InternalError``: HTTP 500 with a proper envelope; nothing performed.
+- ``TooManyRequests``: HTTP 429 with a proper envelope and ``Retry-After``; nothing performed.
+- ``Malformed``: HTTP 200 whose body is an HTML page, not Pangea's envelope; nothing performed.
+- ``Timeout``: no answer for :data:`HOLD_SECONDS` (released early when the client hangs up, or on
+  reset); nothing performed.
+- ``Dropped``: the request *is performed*, then the connection is cut part-way through the answer.
+
+``error`` alone means ``error_rate`` 1; ``error_rate`` alone means ``InternalError``. ``paths``
+limits faults to those API paths. Faults never touch ``/emulator/*``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+#: The fault kinds ``error`` may name.
+KINDS = ("InternalError", "TooManyRequests", "Malformed", "Timeout", "Dropped")
+#: How long a ``Timeout`` fault holds a request: far longer than any sane client timeout.
+HOLD_SECONDS = 60.0
+#: Retry-After sent with ``TooManyRequests`` when the fault names none, in seconds.
+DEFAULT_RETRY_AFTER = 1.0
+_KEYS = frozenset({"latency_ms", "error_rate", "error", "retry_after", "paths"})
+
+
+class BadFaults(ValueError):
+    """Raised when a fault body is not valid; the message says which key is wrong."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Faults:
+    """The faults in force (the default is none)."""
+
+    latency_ms: int = 0
+    error_rate: float = 0.0
+    error: str | None = None
+    retry_after: float = DEFAULT_RETRY_AFTER
+    paths: frozenset[str] = frozenset()
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault is set at all (the fast path checks this first)."""
+        return self.latency_ms > 0 or (self.error is not None and self.error_rate > 0)
+
+    def applies_to(self, path: str) -> bool:
+        """Whether a request on ``path`` is in scope."""
+        return self.active and (not self.paths or path in self.paths)
+
+    def draw(self, rng: random.Random) -> str | None:
+        """The fault kind this request suffers, if any (one draw per request)."""
+        if self.error is None or self.error_rate <= 0:
+            return None
+        return self.error if rng.random() < self.error_rate else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The faults as ``POST /emulator/faults`` would take them back."""
+        return {
+            "latency_ms": self.latency_ms,
+            "error_rate": self.error_rate,
+            "error": self.error,
+            "retry_after": self.retry_after,
+            "paths": sorted(self.paths),
+        }
+
+
+def parse(body: Any, api_paths: Collection[str]) -> Faults:
+    """Faults from a request body; BadFaults names the first bad key."""
+    if not isinstance(body, dict):
+        raise BadFaults("the body must be a JSON object")
+    unknown = sorted(set(body) - _KEYS)
+    if unknown:
+        raise BadFaults(f"unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_KEYS))}")
+    latency = body.get("latency_ms", 0)
+    if not _is_number(latency) or latency < 0 or latency > HOLD_SECONDS * 1000:
+        raise BadFaults("latency_ms must be a number of milliseconds between 0 and 60000")
+    error = body.get("error")
+    if error is not None and error not in KINDS:
+        raise BadFaults(f"error must be one of {', '.join(KINDS)}")
+    rate = body.get("error_rate", 1.0 if error is not None else 0.0)
+    if not _is_number(rate) or not 0 <= rate <= 1:
+        raise BadFaults("error_rate must be a number between 0 and 1")
+    retry_after = body.get("retry_after", DEFAULT_RETRY_AFTER)
+    if not _is_number(retry_after) or not 0 <= retry_after <= 86400:
+        raise BadFaults("retry_after must be a number of seconds between 0 and 86400")
+    paths = body.get("paths", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise BadFaults("paths must be a list of strings")
+    strangers = sorted(set(paths) - set(api_paths))
+    if strangers:
+        raise BadFaults(f"paths must be API paths, not {strangers[0]!r}")
+    if error is None and rate > 0:
+        error = "InternalError"
+    return Faults(
+        latency_ms=int(latency),
+        error_rate=float(rate),
+        error=error,
+        retry_after=float(retry_after),
+        paths=frozenset(paths),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

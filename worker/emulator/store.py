@@ -1,0 +1,274 @@
+"""The emulator's state and Pangea's session rules: codes, sessions, tokens, and their indexes.
+
+No I/O and no clock of its own: every operation takes ``now`` (epoch seconds), so the rules can be
+read and tested as data in, data out. Lookups are O(1) dict hits, so the store can hold millions of
+sessions (a bulk-seeding admin endpoint only needs :meth:`Store.create_session`).
+
+The session model, read from Pangea's docs and examples (``pangea-authn.md`` §3.7):
+
+- A session *is* its refresh-token record. ``session.id`` is the refresh token's ``pmt_`` id and
+  the ``session_id`` that invalidate takes; its ``type`` is ``session``. Active tokens are ``user``.
+- Rotation rule: a refresh mints a new ``ptr_`` secret and a new active token, but the refresh
+  token's *id* stays the same, so "the refresh token's id is the session id" holds before and after
+  every refresh and a client may key its sessions by that id. The spent ``ptr_`` is forgotten at
+  once (``InvalidToken``); the new refresh token lives ``refresh_ttl`` from now (sliding).
+- The previous active token stays valid until its own expiry (a client whose refresh answer was
+  lost can go on using it); ``active_token_id`` filters match the *current* active token only.
+- No token outlives its session: an active token expires at the latest with the refresh token.
+- Ending a session (logout, invalidate) forgets all its tokens: they answer ``InvalidToken``.
+- Expired tokens answer ``ExpiredToken`` for :data:`GRACE` seconds, then are forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+#: Status of a token that Pangea does not know (never existed, spent, or its session ended).
+INVALID = "InvalidToken"
+#: Status of a token that Pangea knows but whose time is up.
+EXPIRED = "ExpiredToken"
+#: How long an expired session or token is remembered (answering ExpiredToken), in seconds.
+GRACE = 3600.0
+#: Lifetime of a one-time login code, in seconds ("short-lived"; Pangea publishes no number).
+CODE_TTL = 600.0
+
+
+def new_id(prefix: str) -> str:
+    """A fresh Pangea-shaped id: ``prefix`` + 32 characters of lowercase base32."""
+    return prefix + base64.b32encode(os.urandom(20)).decode("ascii").lower()
+
+
+def stable_id(prefix: str, seed: str) -> str:
+    """A Pangea-shaped id derived from ``seed``: the same seed always gives the same id."""
+    digest = hashlib.sha256(seed.encode("utf-8")).digest()[:20]
+    return prefix + base64.b32encode(digest).decode("ascii").lower()
+
+
+class Rejected(Exception):
+    """Raised when a token, code or session id is unknown (InvalidToken) or expired (ExpiredToken)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Token:
+    """One token: its secret, its ``pmt_`` id, its type (``user`` or ``session``) and its times."""
+
+    secret: str = field(repr=False)
+    id: str
+    type: str
+    created_at: float
+    expire: float
+    session: Session = field(repr=False)
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Session:
+    """A login session of one user; ``refresh`` and ``active`` are its current tokens."""
+
+    id: str
+    identity: str
+    email: str
+    profile: dict[str, str]
+    created_at: float
+    active_ttl: float
+    refresh_ttl: float
+    refresh: Token = field(init=False, repr=False)
+    active: Token = field(init=False, repr=False)
+    retired: list[Token] = field(default_factory=list, repr=False)  # earlier active tokens
+
+    def tokens(self) -> Iterator[Token]:
+        """Every token of this session that may still be looked up."""
+        yield self.refresh
+        yield self.active
+        yield from self.retired
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Code:
+    """A one-time login code, as the hosted login page's redirect would hand it over."""
+
+    email: str
+    active_ttl: float
+    refresh_ttl: float
+    profile: dict[str, str]
+    expire: float
+
+
+class Store:
+    """All sessions, codes and tokens of one emulator, with O(1) indexes."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.sessions: dict[str, Session] = {}
+        self.by_secret: dict[str, Token] = {}
+        self.by_active_id: dict[str, Session] = {}
+        self.by_user: dict[str, dict[str, Session]] = {}
+        self.codes: dict[str, Code] = {}
+        self._code_queue: deque[tuple[float, str]] = deque()  # all codes share one TTL: FIFO = expiry order
+        self._expiry: list[tuple[float, str]] = []  # heap of (refresh expiry, session id); stale entries skipped
+
+    # --- login ---------------------------------------------------------------------------------
+
+    def issue_code(
+        self, email: str, *, active_ttl: float, refresh_ttl: float, profile: dict[str, str], now: float
+    ) -> str:
+        """A one-time ``pmc_`` code that :meth:`exchange_code` turns into a new session."""
+        self.purge(now)
+        code = new_id("pmc_")
+        self.codes[code] = Code(
+            email=email, active_ttl=active_ttl, refresh_ttl=refresh_ttl, profile=profile, expire=now + CODE_TTL
+        )
+        self._code_queue.append((now + CODE_TTL, code))
+        return code
+
+    def exchange_code(self, code: str, now: float) -> Session:
+        """The new session behind a login code; the code works once."""
+        self.purge(now)
+        found = self.codes.pop(code, None)
+        if found is None:
+            raise Rejected(INVALID)
+        if found.expire <= now:
+            raise Rejected(EXPIRED)
+        return self.create_session(
+            found.email, active_ttl=found.active_ttl, refresh_ttl=found.refresh_ttl, profile=found.profile, now=now
+        )
+
+    def create_session(
+        self, email: str, *, active_ttl: float, refresh_ttl: float, profile: dict[str, str], now: float
+    ) -> Session:
+        """A new live session for ``email`` (the user id ``pui_`` is derived from the email)."""
+        session = Session(
+            id=new_id("pmt_"),
+            identity=stable_id("pui_", email.lower()),
+            email=email,
+            profile=profile,
+            created_at=now,
+            active_ttl=active_ttl,
+            refresh_ttl=refresh_ttl,
+        )
+        self.sessions[session.id] = session
+        self.by_user.setdefault(session.identity, {})[session.id] = session
+        self._mint_refresh(session, now)
+        self._mint_active(session, now, first=True)
+        return session
+
+    # --- token rules ---------------------------------------------------------------------------
+
+    def lookup(self, secret: str, now: float) -> Token:
+        """The live token behind ``secret``; Rejected(InvalidToken | ExpiredToken) otherwise."""
+        token = self.by_secret.get(secret)
+        if token is None:
+            raise Rejected(INVALID)
+        if token.expire <= now:
+            raise Rejected(EXPIRED)
+        return token
+
+    def refresh(self, secret: str, user_token: str | None, now: float) -> Session:
+        """Rotate a session's tokens with its refresh token, which is spent by the call.
+
+        ``user_token`` is optional; if it names a token of *another* session the call is refused
+        (InvalidToken). An unknown or expired ``user_token`` is accepted: it is usually the
+        session's own expired active token.
+        """
+        self.purge(now)
+        token = self.lookup(secret, now)
+        if token.type != "session":
+            raise Rejected(INVALID)
+        session = token.session
+        if user_token is not None:
+            other = self.by_secret.get(user_token)
+            if other is not None and other.session is not session:
+                raise Rejected(INVALID)
+        del self.by_secret[secret]
+        self._mint_refresh(session, now)
+        self._mint_active(session, now)
+        return session
+
+    def session(self, session_id: str, now: float) -> Session:
+        """The live session with this id; Rejected otherwise."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise Rejected(INVALID)
+        if session.refresh.expire <= now:
+            raise Rejected(EXPIRED)
+        return session
+
+    def end(self, session: Session) -> None:
+        """End a session: forget it and every one of its tokens."""
+        for token in session.tokens():
+            self.by_secret.pop(token.secret, None)
+        self.by_active_id.pop(session.active.id, None)
+        self.sessions.pop(session.id, None)
+        mine = self.by_user.get(session.identity)
+        if mine is not None:
+            mine.pop(session.id, None)
+            if not mine:
+                del self.by_user[session.identity]
+
+    def logout_user(self, identity: str) -> int:
+        """End every session of a user; how many there were (0 is fine: idempotent)."""
+        mine = list(self.by_user.get(identity, {}).values())
+        for session in mine:
+            self.end(session)
+        return len(mine)
+
+    def purge(self, now: float) -> None:
+        """Forget codes and sessions that expired more than :data:`GRACE` seconds ago (amortized O(log n))."""
+        codes = self._code_queue
+        while codes and codes[0][0] <= now:
+            self.codes.pop(codes.popleft()[1], None)
+        heap = self._expiry
+        while heap and heap[0][0] + GRACE <= now:
+            _, session_id = heapq.heappop(heap)
+            session = self.sessions.get(session_id)
+            if session is not None and session.refresh.expire + GRACE <= now:
+                self.end(session)
+
+    # --- minting -------------------------------------------------------------------------------
+
+    def _mint_refresh(self, session: Session, now: float) -> None:
+        # The id is minted once: the refresh token's id is the session id, before and after rotation.
+        token = Token(
+            secret=new_id("ptr_"),
+            id=session.id,
+            type="session",
+            created_at=now,
+            expire=now + session.refresh_ttl,
+            session=session,
+        )
+        session.refresh = token
+        self.by_secret[token.secret] = token
+        heapq.heappush(self._expiry, (token.expire, session.id))
+
+    def _mint_active(self, session: Session, now: float, *, first: bool = False) -> None:
+        token = Token(
+            secret=new_id("ptu_"),
+            id=new_id("pmt_"),
+            type="user",
+            created_at=now,
+            expire=min(now + session.active_ttl, session.refresh.expire),
+            session=session,
+        )
+        if not first:
+            old = session.active
+            self.by_active_id.pop(old.id, None)
+            keep = [t for t in session.retired if t.expire + GRACE > now]
+            for gone in session.retired:
+                if gone.expire + GRACE <= now:
+                    self.by_secret.pop(gone.secret, None)
+            session.retired = [*keep, old]
+        session.active = token
+        self.by_secret[token.secret] = token
+        self.by_active_id[token.id] = session
