@@ -1,0 +1,224 @@
+"""What to do with one local session: pure functions of the session, Pangea's answer and the time.
+
+Nothing here imports httpx, SQLAlchemy or Celery. The engine gathers the facts, calls
+:func:`after_check` or :func:`after_refresh`, and applies the :class:`Decision` it gets back.
+
+The table (also in the README)::
+
+    Pangea's answer                 decision
+    ------------------------------  ---------------------------------------------------------------
+    check: Success                  keep; record expiry; refresh now if inside the refresh margin
+    check: ExpiredToken             refresh if the refresh token is alive, else revoke (expired)
+    check: InvalidToken             revoke (invalid_token)
+    refresh: Success                keep with the new tokens
+    refresh: InvalidToken           revoke (refresh_invalid), unless the refresh before it was lost:
+                                    then forget the spent refresh token and keep the session while
+                                    its active token lives (revoked as refresh_lost when it lapses)
+    refresh: ExpiredToken           revoke (expired)
+    refresh: answer lost            keep, mark uncertain, re-check the active token soon
+    no answer (5xx, timeout, 429,   keep; count the failure; retry after a backoff with full jitter
+      malformed body)                 (at least Retry-After)
+    Unauthorized (our token)        stop the sweep; change nothing
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from worker import wire
+
+
+class Action(enum.StrEnum):
+    """What the engine does with a session after an answer."""
+
+    KEEP = "keep"  #: write the new facts (expiry, next check, failures) and leave it active
+    REFRESH = "refresh"  #: call /v2/client/session/refresh next
+    REVOKE = "revoke"  #: end the local session with ``reason``
+    STOP = "stop"  #: our own credentials are wrong: change nothing, stop the sweep
+
+
+class Failure(enum.StrEnum):
+    """Why there was no answer from Pangea."""
+
+    UNAVAILABLE = "unavailable"  #: timeout, connection error, 5xx
+    RATE_LIMITED = "rate_limited"  #: 429 / TooManyRequests
+    PROTOCOL = "protocol"  #: the body was not Pangea's envelope
+    OUTCOME_UNKNOWN = "outcome_unknown"  #: a refresh may have happened but its answer was lost
+    REJECTED_US = "rejected_us"  #: Unauthorized: our PANGEA_AUTHN_TOKEN is wrong
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """The tuning knobs the decisions depend on."""
+
+    check_interval: timedelta = timedelta(minutes=5)
+    refresh_margin_floor: timedelta = timedelta(minutes=2)
+    refresh_margin_fraction: float = 0.1
+    #: Share of the margin drawn at random and taken off it, so sessions minted together spread out.
+    refresh_jitter: float = 0.25
+    #: Shortest wait between two refresh attempts on one session.
+    refresh_cooloff: timedelta = timedelta(seconds=10)
+    backoff_base: timedelta = timedelta(seconds=5)
+    backoff_cap: timedelta = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionFacts:
+    """What a decision needs to know about one local session."""
+
+    active_expires_at: datetime
+    active_issued_at: datetime | None
+    refresh_expires_at: datetime | None
+    has_refresh_token: bool
+    failures: int
+    uncertain: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """Pangea's answer to a check or a refresh: a verdict, or the failure that stood in for one."""
+
+    verdict: wire.Verdict | None = None
+    failure: Failure | None = None
+    active_expires_at: datetime | None = None
+    retry_after: float | None = None
+    #: Pangea's ``request_id`` of the answer (or of the failed attempt), for the audit trail.
+    request_id: str | None = None
+
+    @classmethod
+    def failed(cls, failure: Failure, *, retry_after: float | None = None, request_id: str | None = None) -> Answer:
+        """No answer, for this reason."""
+        return cls(failure=failure, retry_after=retry_after, request_id=request_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The outcome: an action, and the facts to write with it."""
+
+    action: Action
+    next_check_at: datetime | None = None
+    failures: int = 0
+    reason: str | None = None
+    uncertain: bool = False
+    active_expires_at: datetime | None = None
+    #: The refresh token is known to be spent: forget it, so it is never tried again.
+    drop_refresh_token: bool = False
+
+    @property
+    def counted_as(self) -> str:
+        """The outcome name for counts and the audit trail (kept, refresh, revoked, failed, stopped)."""
+        if self.action is Action.KEEP and self.failures:
+            return "failed"
+        return {Action.KEEP: "kept", Action.REFRESH: "refresh", Action.REVOKE: "revoked", Action.STOP: "stopped"}[
+            self.action
+        ]
+
+
+def refresh_margin(facts: SessionFacts, policy: Policy, rng: random.Random) -> timedelta:
+    """How long before expiry to refresh: max(floor, fraction of lifetime), less random jitter."""
+    lifetime = facts.active_expires_at - facts.active_issued_at if facts.active_issued_at is not None else timedelta(0)
+    margin = max(policy.refresh_margin_floor, lifetime * policy.refresh_margin_fraction)
+    # Never plan to refresh before the token was issued: short-lived tokens refresh at mid-life.
+    if lifetime > timedelta(0):
+        margin = min(margin, lifetime / 2)
+    return margin - margin * (policy.refresh_jitter * rng.random())
+
+
+def refresh_due_at(facts: SessionFacts, policy: Policy, rng: random.Random) -> datetime:
+    """When the active token should be refreshed."""
+    return facts.active_expires_at - refresh_margin(facts, policy, rng)
+
+
+def can_refresh(facts: SessionFacts, now: datetime) -> bool:
+    """True when the session holds a refresh token that has not expired."""
+    return facts.has_refresh_token and (facts.refresh_expires_at is None or facts.refresh_expires_at > now)
+
+
+def plan_next_check(facts: SessionFacts, now: datetime, policy: Policy, rng: random.Random) -> datetime:
+    """The next time to look at a healthy session: the check interval, or the refresh time if sooner."""
+    due = refresh_due_at(facts, policy, rng) if can_refresh(facts, now) else facts.active_expires_at
+    planned: datetime = min(now + policy.check_interval, due)
+    return max(planned, now + policy.refresh_cooloff)
+
+
+def backoff(failures: int, now: datetime, policy: Policy, rng: random.Random, retry_after: float | None) -> datetime:
+    """When to try again after ``failures`` consecutive failures: exponential, capped, full jitter."""
+    step: timedelta = min(policy.backoff_base * 2 ** min(max(failures - 1, 0), 30), policy.backoff_cap)
+    wait = step * rng.random()
+    if retry_after is not None:
+        wait = max(wait, timedelta(seconds=retry_after))
+    return now + max(wait, timedelta(seconds=1))
+
+
+def before_check(facts: SessionFacts, now: datetime, policy: Policy, rng: random.Random) -> Action:
+    """Refresh straight away when the token is inside its margin (the refresh answers for it), else check."""
+    if can_refresh(facts, now) and now >= refresh_due_at(facts, policy, rng):
+        return Action.REFRESH
+    return Action.KEEP
+
+
+def after_check(facts: SessionFacts, answer: Answer, now: datetime, policy: Policy, rng: random.Random) -> Decision:
+    """The decision after ``/v2/client/token/check`` (or the bulk list) answered, or failed to."""
+    if answer.verdict is None:
+        return _no_answer(facts, answer, now, policy, rng)
+    if answer.verdict is wire.Verdict.INVALID:
+        return Decision(action=Action.REVOKE, reason="invalid_token")
+    if answer.verdict is wire.Verdict.EXPIRED:
+        if can_refresh(facts, now):
+            return Decision(action=Action.REFRESH)
+        return Decision(action=Action.REVOKE, reason="refresh_lost" if facts.uncertain else "expired")
+    known = replace(facts, active_expires_at=answer.active_expires_at or facts.active_expires_at)
+    if can_refresh(known, now) and now >= refresh_due_at(known, policy, rng):
+        return Decision(action=Action.REFRESH, active_expires_at=known.active_expires_at)
+    return Decision(
+        action=Action.KEEP,
+        next_check_at=plan_next_check(known, now, policy, rng),
+        uncertain=known.uncertain,
+        active_expires_at=known.active_expires_at,
+    )
+
+
+def after_refresh(facts: SessionFacts, answer: Answer, now: datetime, policy: Policy, rng: random.Random) -> Decision:
+    """The decision after ``/v2/client/session/refresh`` answered, or failed to.
+
+    On Success the caller passes the *new* token's facts; ``next_check_at`` is planned from them.
+    """
+    if answer.verdict is wire.Verdict.VALID:
+        fresh = replace(facts, uncertain=False, failures=0)
+        return Decision(
+            action=Action.KEEP,
+            next_check_at=plan_next_check(fresh, now, policy, rng),
+            active_expires_at=facts.active_expires_at,
+        )
+    if answer.verdict is wire.Verdict.EXPIRED:
+        return Decision(action=Action.REVOKE, reason="expired")
+    if answer.verdict is wire.Verdict.INVALID:
+        if facts.uncertain and facts.active_expires_at > now:
+            # Our earlier refresh may have spent this token. The active token still works: keep the
+            # session until it lapses, checking it as usual, instead of revoking a live user.
+            return Decision(
+                action=Action.KEEP,
+                next_check_at=min(now + policy.check_interval, facts.active_expires_at),
+                uncertain=True,
+                drop_refresh_token=True,
+            )
+        return Decision(action=Action.REVOKE, reason="refresh_lost" if facts.uncertain else "refresh_invalid")
+    if answer.failure is Failure.OUTCOME_UNKNOWN:
+        wait = max(policy.refresh_cooloff, timedelta(seconds=answer.retry_after or 0))
+        return Decision(action=Action.KEEP, next_check_at=now + wait, failures=facts.failures + 1, uncertain=True)
+    return _no_answer(facts, answer, now, policy, rng)
+
+
+def _no_answer(facts: SessionFacts, answer: Answer, now: datetime, policy: Policy, rng: random.Random) -> Decision:
+    if answer.failure is Failure.REJECTED_US:
+        return Decision(action=Action.STOP, failures=facts.failures)
+    failures = facts.failures + 1
+    return Decision(
+        action=Action.KEEP,
+        next_check_at=backoff(failures, now, policy, rng, answer.retry_after),
+        failures=failures,
+        uncertain=facts.uncertain or answer.failure is Failure.OUTCOME_UNKNOWN,
+    )
