@@ -116,6 +116,10 @@ class AuthnRequestRejected(AuthnError):
         self.status = status
 
 
+class InvalidUserinfo(SessionSyncError, ValueError):
+    """Raised when record_login is handed something that is not Pangea's userinfo; nothing is written."""
+
+
 class SessionInvalid(SessionSyncError):
     """Raised when a local session cannot authenticate a request; carries the RFC 6750 header value."""
 

@@ -1,0 +1,287 @@
+"""The sync engine against the emulator (a real server) on SQLite and PostgreSQL.
+
+Each test seeds real logins (hosted-login code → userinfo → record_login), does something to
+them at "Pangea", runs the engine, and looks at what a user of the web app would notice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import RunningEmulator
+from worker import crypto, engine, models, queries, runtime, sessions, wire
+from worker.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = crypto.generate_key()
+
+
+def settings_for(db_url: str, emu: RunningEmulator, **extra: str) -> Settings:
+    env = {
+        "DATABASE_URL": db_url,
+        "PANGEA_BASE_URL": emu.base_url,
+        "PANGEA_AUTHN_TOKEN": emu.service_token,
+        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
+        "SESSION_SYNC_HTTP_RETRIES": "1",
+        "SESSION_SYNC_HTTP_TIMEOUT": "2",
+        "SESSION_SYNC_RATE_LIMIT": "1000",
+        "SESSION_SYNC_REFRESH_MARGIN": "10s",
+        "SESSION_SYNC_CHECK_INTERVAL": "5m",
+        "CELERY_BROKER_URL": "memory://",
+    }
+    return Settings.from_env(env | extra)
+
+
+@pytest.fixture
+def make_runtime(db_url: str, emu: RunningEmulator) -> Iterator[Any]:
+    made: list[runtime.Runtime] = []
+
+    def make(**extra: str) -> runtime.Runtime:
+        rt = runtime.Runtime(settings_for(db_url, emu, **extra))
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def login(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -> int:
+    """A user logs in through the hosted page; the app records the session. Returns its local id."""
+    code = emu.admin.login(email, **ttl)
+    creds = rt.run(rt.client.userinfo(code))
+    envelope = {
+        "status": "Success",
+        "request_id": creds.request_id,
+        "result": {
+            "active_token": _token_json(creds.active_token),
+            "refresh_token": _token_json(creds.refresh_token),
+        },
+    }
+    with rt.sessions.begin() as db:
+        return sessions.record_login(db, envelope, cipher=rt.cipher).id
+
+
+def _token_json(t: wire.TokenInfo) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "token": t.token,
+        "type": t.type,
+        "life": t.life,
+        "expire": t.expire.isoformat(),
+        "identity": t.identity,
+        "email": t.email,
+        "profile": dict(t.profile),
+        "created_at": t.created_at.isoformat(),
+    }
+
+
+def row(rt: runtime.Runtime, session_id: int) -> models.LocalSession:
+    with rt.sessions() as db:
+        found = db.get(models.LocalSession, session_id)
+        assert found is not None
+        return found
+
+
+def active_token(rt: runtime.Runtime, session_id: int) -> str:
+    return rt.cipher.decrypt(row(rt, session_id).active_token_enc)
+
+
+def requests(emu: RunningEmulator, path: str) -> int:
+    return sum(emu.admin.stats()["requests"].get(path, {}).values())
+
+
+@pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
+def test_resync_revokes_the_dead_refreshes_the_expiring_and_leaves_the_healthy(
+    make_runtime: Any, emu: RunningEmulator, revalidation: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION=revalidation)
+    # Given healthy sessions, sessions killed at Pangea, one about to expire, one expired for good
+    healthy = [login(rt, emu, f"ok{i}@example.com") for i in range(3)]
+    killed = [login(rt, emu, f"dead{i}@example.com") for i in range(2)]
+    # (a token is refreshed in the last half of its life at the earliest: 4 s lifetime, 1 s left)
+    expiring = login(rt, emu, "soon@example.com", active_ttl=4)
+    gone = login(rt, emu, "gone@example.com", active_ttl=1, refresh_ttl=1)
+    rt.run(rt.client.session_invalidate(row(rt, killed[0]).pangea_session_id or ""))
+    rt.run(rt.client.session_logout(row(rt, killed[1]).user_id))
+    old_token = active_token(rt, expiring)
+    time.sleep(3)
+
+    # When support resyncs everything
+    counts = rt.run(rt.engine.resync())
+    checks, lists = requests(emu, "/v2/client/token/check"), requests(emu, "/v2/session/list")
+
+    # Then each group ends where it should
+    assert counts.as_dict() | {"revoked_by_reason": None} == {
+        "checked": 7 - 1,  # the expiring one goes straight to refresh
+        "refreshed": 1,
+        "revoked": 3,
+        "failed": 0,
+        "kept": 3,
+        "stopped": False,
+        "revoked_by_reason": None,
+    }
+    assert counts.reasons == {"invalid_token": 2, "expired": 1}
+    for sid in healthy:
+        assert row(rt, sid).state is models.SessionState.ACTIVE and row(rt, sid).next_check_at > datetime.now(UTC)
+    for sid in killed:
+        assert (row(rt, sid).state, row(rt, sid).end_reason) == (models.SessionState.REVOKED, "invalid_token")
+    assert (row(rt, gone).state, row(rt, gone).end_reason) == (models.SessionState.REVOKED, "expired")
+    refreshed = row(rt, expiring)
+    assert refreshed.state is models.SessionState.ACTIVE and not refreshed.uncertain
+    assert active_token(rt, expiring) != old_token
+    assert refreshed.active_expires_at > datetime.now(UTC) + timedelta(seconds=2)
+    # ... the new token works at Pangea, and the app finds the session by it
+    assert rt.run(rt.client.check_token(active_token(rt, expiring))).verdict is wire.Verdict.VALID
+    with rt.sessions() as db:
+        assert sessions.authenticate(db, active_token(rt, expiring), cipher=rt.cipher).id == expiring
+    if revalidation == "bulk":
+        assert (lists, checks) == (1, 3)  # checks only to confirm the three that bulk missed
+    else:
+        assert (lists, checks) == (0, 6)
+
+
+def test_no_answer_never_revokes(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION="per_token")
+    ids = [login(rt, emu, f"u{i}@example.com") for i in range(4)]
+    rt.run(rt.client.session_invalidate(row(rt, ids[0]).pangea_session_id or ""))
+    for fault in ("InternalError", "Malformed", "TooManyRequests", "Timeout"):
+        # Given Pangea failing in one way
+        emu.admin.faults(error_rate=1.0, error=fault, retry_after=1)
+        # When a resync runs
+        counts = rt.run(rt.engine.resync())
+        # Then nothing is revoked, not even the session Pangea would call invalid
+        assert counts.revoked == 0 and counts.failed == 4, fault
+        assert all(row(rt, i).state is models.SessionState.ACTIVE for i in ids)
+    assert row(rt, ids[1]).failures == 4
+    # When Pangea heals, the dead session is revoked and the failure counts reset
+    emu.admin.clear_faults()
+    counts = rt.run(rt.engine.resync())
+    assert counts.revoked == 1 and row(rt, ids[0]).end_reason == "invalid_token"
+    assert row(rt, ids[1]).failures == 0
+
+
+def test_wrong_service_token_stops_and_changes_nothing(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime()
+    ids = [login(rt, emu, f"u{i}@example.com") for i in range(3)]
+    before = [(row(rt, i).version, row(rt, i).next_check_at) for i in ids]
+    wrong = make_runtime(PANGEA_AUTHN_TOKEN="pts_" + "x" * 32)
+    with pytest.raises(engine.OurTokenRejected):
+        wrong.run(wrong.engine.resync())
+    after = [row(rt, i) for i in ids]
+    assert all(r.state is models.SessionState.ACTIVE and r.claim_token is None for r in after)
+    assert [r.failures for r in after] == [0, 0, 0]
+    assert [r.version for r in after] == [v for v, _ in before]
+
+
+def test_lost_refresh_answer_never_revokes(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime()
+    sid = login(rt, emu, "lost@example.com", active_ttl=8)
+    token = active_token(rt, sid)
+    time.sleep(5.2)  # 2.8 s left: inside the refresh margin (at least 3 s of an 8 s token)
+    # Given Pangea performs refreshes but the answer never arrives
+    emu.admin.faults(error_rate=1.0, error="Dropped", paths=["/v2/client/session/refresh"])
+    counts = rt.run(rt.engine.resync(session_ids=[sid]))
+    # Then the session is kept, marked uncertain, not revoked
+    assert counts.revoked == 0
+    assert row(rt, sid).state is models.SessionState.ACTIVE and row(rt, sid).uncertain
+    # When the fault heals and the worker tries again with the refresh token Pangea already spent
+    emu.admin.clear_faults()
+    counts = rt.run(rt.engine.resync(session_ids=[sid]))
+    # Then the session still is not revoked: its active token lives, the spent refresh token is forgotten
+    assert counts.revoked == 0
+    r = row(rt, sid)
+    assert r.state is models.SessionState.ACTIVE and r.refresh_token_enc is None and r.uncertain
+    assert rt.run(rt.client.check_token(token)).verdict is wire.Verdict.VALID
+    assert requests(emu, "/v2/client/session/refresh") == 2
+
+
+def test_two_claimers_never_take_the_same_row(make_runtime: Any, emu: RunningEmulator, db_url: str) -> None:
+    rt = make_runtime()
+    # Given 400 due sessions (inserted directly: this is about the claim, not Pangea)
+    now = datetime.now(UTC)
+    with rt.sessions.begin() as db:
+        db.execute(
+            sa.insert(models.LocalSession),
+            [
+                {
+                    "user_id": f"pui_{i}",
+                    "email": "x@example.com",
+                    "active_token_id": f"pmt_{i}",
+                    "active_token_enc": "x",
+                    "active_token_hash": f"h{i}",
+                    "active_expires_at": now + timedelta(hours=1),
+                    "next_check_at": now - timedelta(seconds=1),
+                }
+                for i in range(400)
+            ],
+        )
+    # When four threads claim batches of 30 as fast as they can
+    taken: list[list[int]] = [[] for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def claimer(n: int) -> None:
+        factory = rt.sessions
+        barrier.wait()
+        while True:
+            with factory.begin() as db:
+                got = queries.claim_due_sessions(
+                    db, now=datetime.now(UTC), limit=30, lease=timedelta(minutes=5), claim_token=f"c{n}"
+                )
+            if not got:
+                return
+            taken[n].extend(s.id for s in got)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then every row was claimed exactly once
+    flat = [i for part in taken for i in part]
+    assert len(flat) == 400 and len(set(flat)) == 400
+    assert sum(1 for part in taken if part) >= 2
+
+
+def test_concurrent_refreshes_spend_the_refresh_token_once(make_runtime: Any, emu: RunningEmulator) -> None:
+    a, b = make_runtime(), make_runtime()
+    ids = [login(a, emu, f"r{i}@example.com", active_ttl=4) for i in range(10)]
+    time.sleep(2.6)  # 1.4 s left: inside the refresh margin (at least 1.5 s of a 4 s token)
+
+    # When two workers (each with its own pools and loop) resync them at the same moment
+    results: list[engine.Counts] = []
+    threads = [
+        threading.Thread(target=lambda rt=rt: results.append(rt.run(rt.engine.resync(session_ids=ids))))
+        for rt in (a, b)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then each session was refreshed exactly once, none revoked, each refresh token used once
+    assert sum(c.refreshed for c in results) == 10
+    assert sum(c.revoked for c in results) == 0
+    assert requests(emu, "/v2/client/session/refresh") == 10
+    assert all(row(a, i).state is models.SessionState.ACTIVE for i in ids)
+
+
+def test_audit_trail_explains_a_revocation(make_runtime: Any, emu: RunningEmulator) -> None:
+    from worker import operations
+
+    rt = make_runtime()
+    sid = login(rt, emu, "why@example.com")
+    rt.run(rt.client.session_invalidate(row(rt, sid).pangea_session_id or ""))
+    rt.run(rt.engine.resync(session_ids=[sid]))
+    report = operations.session_report(rt, sid)
+    assert report is not None and report["state"] == "revoked" and report["end_reason"] == "invalid_token"
+    [event] = report["events"]
+    assert event["action"] == "revoked" and event["outcome"] == "invalid"
+    assert event["request_id"] and event["request_id"].startswith("prq_")

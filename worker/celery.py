@@ -1,0 +1,66 @@
+"""The Celery app: ``celery -A worker worker|beat|flower`` finds it here (``worker.celery.app``).
+
+Settings are read once, here, at the edge. The baseline follows the design: late acks, requeue
+on a lost worker, prefetch of one, task events on for Flower, and a visibility timeout far above
+any task's runtime. Long delays never live in Celery countdowns: they live in the database.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from worker import errors, runtime
+from worker.settings import Settings
+
+try:
+    settings = Settings.from_env()
+except errors.ConfigError as exc:  # one clear line, no traceback, before Celery prints anything
+    print(f"session-sync: configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+def result_backend_for(broker_url: str, database_url: str) -> str:
+    """Where task results go: Redis beside a Redis broker, else the database (embedded mode)."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return broker_url
+    return "db+" + database_url
+
+
+app = Celery("session_sync", include=["worker.tasks"])
+app.conf.update(
+    broker_url=settings.celery_broker_url,
+    result_backend=result_backend_for(settings.celery_broker_url, settings.database_url),
+    result_expires=3600,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_track_started=True,
+    broker_transport_options={"visibility_timeout": 3600},
+    result_backend_transport_options={"visibility_timeout": 3600},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "sweep": {"task": "session_sync.sweep", "schedule": settings.sweep_period.total_seconds()},
+        "housekeeping": {"task": "session_sync.housekeeping", "schedule": 3600.0},
+    },
+)
+
+
+@signals.worker_process_init.connect
+def _fresh_runtime_in_child(**_: Any) -> None:
+    runtime.reset()
+
+
+@signals.worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    runtime.close()

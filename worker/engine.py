@@ -1,0 +1,377 @@
+"""The sync engine: claim due sessions, ask Pangea, decide, write the outcome, in batches.
+
+Orchestration only: statements live in ``worker.queries``, the wire in ``worker.authn``, the
+rules in ``worker.decisions``. Transactions are short and never span an HTTP call:
+claim (commit) → ask Pangea → decide → apply (commit) → refresh the ones that need it
+(compare-and-swap, commit) → call Pangea → apply (commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import orm
+
+from worker import audit, authn, crypto, decisions, errors, queries, ratelimit, wire
+from worker.decisions import Action, Answer, Failure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Counts:
+    """What a batch, sweep or resync did; ids and counts only (safe for task results and Flower)."""
+
+    checked: int = 0
+    refreshed: int = 0
+    revoked: int = 0
+    failed: int = 0
+    kept: int = 0
+    stopped: bool = False
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: Counts) -> None:
+        """Fold another Counts into this one."""
+        self.checked += other.checked
+        self.refreshed += other.refreshed
+        self.revoked += other.revoked
+        self.failed += other.failed
+        self.kept += other.kept
+        self.stopped = self.stopped or other.stopped
+        self.reasons.update(other.reasons)
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-friendly summary."""
+        return {
+            "checked": self.checked,
+            "refreshed": self.refreshed,
+            "revoked": self.revoked,
+            "failed": self.failed,
+            "kept": self.kept,
+            "stopped": self.stopped,
+            "revoked_by_reason": dict(self.reasons),
+        }
+
+
+class OurTokenRejected(errors.AuthnRejectedUs):
+    """Raised when Pangea refused our own token during a sweep: nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Work:
+    session: queries.ClaimedSession
+    active_token: str
+    refresh_token: str | None
+
+    @property
+    def facts(self) -> decisions.SessionFacts:
+        s = self.session
+        return decisions.SessionFacts(
+            active_expires_at=s.active_expires_at,
+            active_issued_at=s.active_issued_at,
+            refresh_expires_at=s.refresh_expires_at,
+            has_refresh_token=self.refresh_token is not None,
+            failures=s.failures,
+            uncertain=s.uncertain,
+        )
+
+
+class SyncEngine:
+    """Keeps local sessions true to Pangea; one per worker process (see ``worker.runtime``)."""
+
+    def __init__(
+        self,
+        *,
+        sessions: orm.sessionmaker[orm.Session],
+        client: authn.AuthnClient,
+        cipher: crypto.TokenCipher,
+        limiter: ratelimit.RateLimiter,
+        policy: decisions.Policy,
+        batch_size: int,
+        concurrency: int,
+        lease: timedelta,
+        refresh_lease: timedelta,
+        bulk: bool,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._client = client
+        self._cipher = cipher
+        self._limiter = limiter
+        self._policy = policy
+        self._batch_size = batch_size
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._lease = lease
+        self._refresh_lease = refresh_lease
+        self._bulk = bulk
+        self._clock = clock
+        self._rng = rng or random.SystemRandom()
+
+    # --- entry points --------------------------------------------------------------------------
+
+    async def process_batch(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
+        """Claim one batch of due sessions and bring each in line with Pangea."""
+        claim_token = secrets.token_hex(16)
+        now = self._clock()
+        with self._sessions.begin() as db:
+            claimed = queries.claim_due_sessions(
+                db,
+                now=now,
+                limit=self._batch_size,
+                lease=self._lease,
+                claim_token=claim_token,
+                user_id=user_id,
+                session_ids=session_ids,
+            )
+        if not claimed:
+            return Counts()
+        try:
+            return await self._process(claimed)
+        except BaseException:
+            # Whatever went wrong, give the rows back now instead of when the lease lapses.
+            with self._sessions.begin() as db:
+                queries.release(db, claim_token=claim_token)
+            raise
+
+    async def drain(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
+        """Process batches until nothing is due (``sweep --once``, resync)."""
+        total = Counts()
+        while True:
+            counts = await self.process_batch(user_id=user_id, session_ids=session_ids)
+            total.add(counts)
+            if counts.checked == 0 or counts.stopped:
+                return total
+
+    async def resync(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
+        """Re-check sessions now, whatever their ``next_check_at`` (one, a user's, or all)."""
+        with self._sessions.begin() as db:
+            queries.make_due(db, now=self._clock(), user_id=user_id, session_ids=session_ids)
+        return await self.drain(user_id=user_id, session_ids=session_ids)
+
+    # --- one batch -----------------------------------------------------------------------------
+
+    async def _process(self, claimed: list[queries.ClaimedSession]) -> Counts:
+        work = [self._open(s) for s in claimed]
+        now = self._clock()
+        to_refresh: list[_Work] = []
+        to_check: list[_Work] = []
+        for w in work:
+            action = decisions.before_check(w.facts, now, self._policy, self._rng)
+            (to_refresh if action is Action.REFRESH else to_check).append(w)
+
+        answers = await self._revalidate(to_check)
+        now = self._clock()
+        outcome = _Outcome()
+        for w in to_check:
+            decision = decisions.after_check(w.facts, answers[w.session.id], now, self._policy, self._rng)
+            if decision.action is Action.STOP:
+                raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped and changed nothing")
+            if decision.action is Action.REFRESH:
+                to_refresh.append(w)
+            else:
+                outcome.add(w, decision, answers[w.session.id], checked=True)
+        with self._sessions.begin() as db:
+            outcome.apply(db, now)
+
+        counts = outcome.counts
+        counts.checked = len(to_check)
+        if to_refresh:
+            counts.add(await self._refresh_all(to_refresh))
+        return counts
+
+    def _open(self, session: queries.ClaimedSession) -> _Work:
+        refresh = self._cipher.decrypt(session.refresh_token_enc) if session.refresh_token_enc else None
+        return _Work(
+            session=session, active_token=self._cipher.decrypt(session.active_token_enc), refresh_token=refresh
+        )
+
+    async def _revalidate(self, work: list[_Work]) -> dict[int, Answer]:
+        """Pangea's answer for each session: in bulk when we can, else one check per token."""
+        answers: dict[int, Answer] = {}
+        pending = work
+        if self._bulk and work:
+            try:
+                await self._limiter.acquire()
+                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in work])
+            except errors.AuthnError as exc:
+                logger.warning("Bulk revalidation failed: %s", exc, extra={"action": "bulk_failed"})
+                return {w.session.id: _failed(exc) for w in work}
+            now = self._clock()
+            pending = []
+            for w in work:
+                item = found.get(w.session.active_token_id)
+                if item is None or item.active_token is None:
+                    pending.append(w)  # bulk says missing: confirm per token before revoking
+                elif item.active_token.expire <= now:
+                    pending.append(w)
+                else:
+                    answers[w.session.id] = Answer(
+                        verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire
+                    )
+        checks = await asyncio.gather(*(self._guarded(self._check_one(w)) for w in pending))
+        answers.update(zip((w.session.id for w in pending), checks, strict=True))
+        return answers
+
+    async def _check_one(self, w: _Work) -> Answer:
+        result = await self._client.check_token(w.active_token)
+        expire = result.info.expire if result.info else None
+        return Answer(verdict=result.verdict, active_expires_at=expire, request_id=result.request_id)
+
+    async def _guarded(self, call: Awaitable[Answer]) -> Answer:
+        """Run one Pangea call under the concurrency bound and the rate limit; failures become answers."""
+        async with self._semaphore:
+            await self._limiter.acquire()
+            try:
+                return await call
+            except errors.AuthnError as exc:
+                return _failed(exc)
+
+    # --- refresh ------------------------------------------------------------------------------
+
+    async def _refresh_all(self, work: list[_Work]) -> Counts:
+        now = self._clock()
+        with self._sessions.begin() as db:
+            taken = queries.begin_refresh(db, [w.session for w in work], now=now, lease=self._refresh_lease)
+        work = [w for w in work if w.session.id in taken]
+        results = await asyncio.gather(*(self._refresh_one(w) for w in work))
+        now = self._clock()
+        outcome = _Outcome(versions=taken)
+        stored: list[dict[str, object]] = []
+        stopped = False
+        for w, (answer, creds) in zip(work, results, strict=True):
+            if creds is not None:
+                fresh = decisions.SessionFacts(
+                    active_expires_at=creds.active_token.expire,
+                    active_issued_at=creds.active_token.created_at,
+                    refresh_expires_at=creds.refresh_token.expire,
+                    has_refresh_token=True,
+                    failures=0,
+                    uncertain=False,
+                )
+                decision = decisions.after_refresh(fresh, answer, now, self._policy, self._rng)
+                stored.append(self._stored_row(w, creds, taken[w.session.id], decision))
+                outcome.audit_refreshed(w, answer)
+                continue
+            decision = decisions.after_refresh(w.facts, answer, now, self._policy, self._rng)
+            if decision.action is Action.STOP:
+                # Pangea refused *us*, so it performed nothing: put the row back as it was.
+                stopped = True
+                decision = decisions.Decision(
+                    action=Action.KEEP, next_check_at=now, failures=w.session.failures, uncertain=w.session.uncertain
+                )
+            outcome.add(w, decision, answer, checked=answer.verdict is not None)
+        with self._sessions.begin() as db:
+            queries.store_refreshed(db, stored, now=now)
+            outcome.apply(db, now)
+        if stopped:
+            raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
+        counts = outcome.counts
+        counts.refreshed += len(stored)
+        return counts
+
+    async def _refresh_one(self, w: _Work) -> tuple[Answer, wire.SessionCreds | None]:
+        assert w.refresh_token is not None
+        async with self._semaphore:
+            await self._limiter.acquire()
+            try:
+                result = await self._client.refresh(w.refresh_token, user_token=w.active_token)
+            except errors.AuthnError as exc:
+                return _failed(exc), None
+        if result.creds is None:
+            return Answer(verdict=result.verdict, request_id=result.request_id), None
+        expire = result.creds.active_token.expire
+        return Answer(verdict=result.verdict, active_expires_at=expire, request_id=result.request_id), result.creds
+
+    def _stored_row(
+        self, w: _Work, creds: wire.SessionCreds, version: int, decision: decisions.Decision
+    ) -> dict[str, object]:
+        active, refresh = creds.active_token, creds.refresh_token
+        assert active.token is not None and refresh.token is not None
+        return {
+            "b_id": w.session.id,
+            "b_claim": w.session.claim_token,
+            "b_version": version,
+            "active_token_id": active.id,
+            "active_token_enc": self._cipher.encrypt(active.token),
+            "active_token_hash": self._cipher.lookup_hash(active.token),
+            "refresh_token_enc": self._cipher.encrypt(refresh.token),
+            "active_expires_at": active.expire,
+            "active_issued_at": active.created_at,
+            "refresh_expires_at": refresh.expire,
+            "pangea_session_id": refresh.id,
+            "next_check_at": decision.next_check_at,
+        }
+
+
+class _Outcome:
+    """Decisions of one batch, gathered so each kind is written in one statement."""
+
+    def __init__(self, versions: dict[int, int] | None = None) -> None:
+        self._versions = versions
+        self.keep: list[dict[str, object]] = []
+        self.revoke: list[dict[str, object]] = []
+        self.dropped: list[int] = []
+        self.events: list[audit.Event] = []
+        self.counts = Counts()
+
+    def _guard(self, w: _Work) -> dict[str, object]:
+        version = self._versions[w.session.id] if self._versions is not None else w.session.version
+        return {"b_id": w.session.id, "b_claim": w.session.claim_token, "b_version": version}
+
+    def add(self, w: _Work, decision: decisions.Decision, answer: Answer, *, checked: bool) -> None:
+        if decision.action is Action.REVOKE:
+            reason = decision.reason or "invalid_token"
+            self.revoke.append(self._guard(w) | {"reason": reason})
+            self.counts.revoked += 1
+            self.counts.reasons[reason] += 1
+        else:
+            self.keep.append(
+                self._guard(w)
+                | {
+                    "next_check_at": decision.next_check_at,
+                    "failures": decision.failures,
+                    "uncertain": decision.uncertain,
+                    "active_expires_at": decision.active_expires_at,
+                    "checked": checked,
+                }
+            )
+            if decision.drop_refresh_token:
+                self.dropped.append(w.session.id)
+            if decision.failures:
+                self.counts.failed += 1
+            else:
+                self.counts.kept += 1
+        self.events.append(audit.Event.of(w.session.id, decision, answer))
+
+    def audit_refreshed(self, w: _Work, answer: Answer) -> None:
+        self.events.append(audit.Event.refreshed(w.session.id, answer.request_id))
+
+    def apply(self, db: orm.Session, now: datetime) -> None:
+        queries.record_checks(db, self.keep, now=now)
+        queries.revoke(db, self.revoke, now=now)
+        queries.drop_refresh_tokens(db, self.dropped)
+        audit.record(db, self.events, now=now)
+
+
+def _failed(exc: errors.AuthnError) -> Answer:
+    """The no-answer that a failure to reach Pangea stands for."""
+    retry_after = None
+    if isinstance(exc, errors.AuthnRejectedUs):
+        failure = Failure.REJECTED_US
+    elif isinstance(exc, errors.AuthnRateLimited):
+        failure, retry_after = Failure.RATE_LIMITED, exc.retry_after
+    elif isinstance(exc, errors.AuthnOutcomeUnknown):
+        failure = Failure.OUTCOME_UNKNOWN
+    elif isinstance(exc, errors.AuthnProtocolError | errors.AuthnRequestRejected):
+        failure = Failure.PROTOCOL
+    else:
+        failure = Failure.UNAVAILABLE
+    return Answer.failed(failure, retry_after=retry_after, request_id=exc.request_id)

@@ -1,0 +1,137 @@
+"""What tasks and the CLI do, once: sweep, process a batch, resync, report status.
+
+Each takes the process's :class:`~worker.runtime.Runtime` and returns ids and counts only, so a
+Celery task is a one-line shell around it and the CLI can run the same thing without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from worker import audit, models, queries, sweeps
+from worker.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def now() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)
+
+
+def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None = None) -> dict[str, Any]:
+    """One periodic sweep: record its slot (a duplicate is a no-op), count due work, fan it out.
+
+    ``send_batch(slot)`` queues one ``check_batch``; each batch claims its own rows when it runs,
+    so a lease starts only when work does and overlapping sweeps never take the same session.
+    """
+    at = at or now()
+    slot = sweeps.slot_of(at, rt.settings.sweep_period)
+    with rt.sessions.begin() as db:
+        if not sweeps.claim_slot(db, slot=slot, now=at):
+            logger.info("Duplicate sweep skipped", extra={"action": "sweep_duplicate", "slot": slot.isoformat()})
+            return {"slot": slot.isoformat(), "duplicate": True, "due": 0, "batches": 0}
+        due = queries.count_due(db, now=at)
+        batches = min(math.ceil(due / rt.settings.batch_size), rt.settings.max_batches_per_sweep)
+        sweeps.record_fanout(db, slot=slot, due=due, batches=batches)
+    for _ in range(batches):
+        send_batch(slot.isoformat())
+    logger.info("Sweep fanned out", extra={"action": "sweep", "slot": slot.isoformat(), "due": due, "batches": batches})
+    return {"slot": slot.isoformat(), "duplicate": False, "due": due, "batches": batches}
+
+
+def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
+    """Claim and process one batch of due sessions; add its counts to its sweep's record."""
+    counts = rt.run(rt.engine.process_batch()).as_dict()
+    if slot is not None and counts["checked"]:
+        with rt.sessions.begin() as db:
+            sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=now())
+    return counts
+
+
+def sweep_once(rt: Runtime) -> dict[str, object]:
+    """One whole sweep in this process, no broker (cron): every due session, batch after batch."""
+    at = now()
+    slot = sweeps.slot_of(at, rt.settings.sweep_period)
+    with rt.sessions.begin() as db:
+        claimed = sweeps.claim_slot(db, slot=slot, now=at, kind="once")
+    counts = rt.run(rt.engine.drain()).as_dict()
+    if claimed:
+        with rt.sessions.begin() as db:
+            sweeps.add_counts(db, slot=slot, counts=counts, now=now())
+    return counts
+
+
+def resync(rt: Runtime, *, session_id: int | None = None, user_id: str | None = None) -> dict[str, object]:
+    """Re-check one session, one user's sessions, or all (no arguments), ignoring ``next_check_at``."""
+    ids: Sequence[int] | None = [session_id] if session_id is not None else None
+    return rt.run(rt.engine.resync(user_id=user_id, session_ids=ids)).as_dict()
+
+
+def housekeeping(rt: Runtime) -> dict[str, int]:
+    """Purge audit events past retention and old sweep records."""
+    at = now()
+    with rt.sessions.begin() as db:
+        events = audit.purge(db, now=at, retention=rt.settings.audit_retention)
+        runs = sweeps.purge(db, before=at - timedelta(days=7))
+    return {"events_purged": events, "sweeps_purged": runs}
+
+
+def status(rt: Runtime) -> dict[str, Any]:
+    """Sessions by state, due now, outbox backlog and dead letters, the last sweep."""
+    at = now()
+    S, E = models.LocalSession, models.LogoutEvent
+    with rt.sessions() as db:
+        by_state = {str(state): 0 for state in models.SessionState}
+        for state, count in db.execute(sa.select(S.state, sa.func.count()).group_by(S.state)):
+            by_state[str(state)] = int(count)
+        outbox = {str(kind): 0 for kind in models.OutboxState}
+        for outbox_state, count in db.execute(sa.select(E.state, sa.func.count()).group_by(E.state)):
+            outbox[str(outbox_state)] = int(count)
+        uncertain = db.execute(
+            sa.select(sa.func.count()).where(models.session_is_active(), S.uncertain.is_(True))
+        ).scalar_one()
+        failing = db.execute(sa.select(sa.func.count()).where(models.session_is_active(), S.failures > 0)).scalar_one()
+        return {
+            "sessions": by_state,
+            "due": queries.count_due(db, now=at),
+            "uncertain": int(uncertain),
+            "failing": int(failing),
+            "outbox": outbox,
+            "last_sweep": sweeps.last_sweep(db),
+        }
+
+
+def session_report(rt: Runtime, session_id: int) -> dict[str, Any] | None:
+    """One session's state and its audit trail, newest first: "why was this user logged out?"."""
+    with rt.sessions() as db:
+        row = db.get(models.LocalSession, session_id)
+        if row is None:
+            return None
+        return {
+            "id": row.id,
+            "user_id": row.user_id,
+            "state": str(row.state),
+            "end_reason": row.end_reason,
+            "ended_at": row.ended_at.isoformat() if row.ended_at else None,
+            "active_expires_at": row.active_expires_at.isoformat(),
+            "next_check_at": row.next_check_at.isoformat() if row.next_check_at else None,
+            "failures": row.failures,
+            "uncertain": row.uncertain,
+            "events": [
+                {
+                    "at": e.at.isoformat(),
+                    "action": e.action,
+                    "outcome": e.outcome,
+                    "reason": e.reason,
+                    "request_id": e.request_id,
+                }
+                for e in audit.history(db, session_id)
+            ],
+        }

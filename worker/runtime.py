@@ -1,0 +1,139 @@
+"""Per-process resources, built once on first use: DB engine, event loop, AuthN client, sync engine.
+
+Celery tasks and the CLI call :func:`get`; a forked worker child calls :func:`reset` so it never
+shares its parent's connections, and :func:`close` runs at process shutdown (arq's
+``on_startup``/``on_shutdown``, in Celery's terms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from functools import cached_property
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from worker import authn, crypto, decisions, engine, ratelimit
+from worker import db as dbmod
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Runtime:
+    """Everything one worker process needs, made lazily from its settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def db_engine(self) -> sa.Engine:
+        """The process's SQLAlchemy engine (one connection pool)."""
+        return dbmod.create_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> orm.sessionmaker[orm.Session]:
+        """Factory of short-lived ORM sessions."""
+        return dbmod.session_factory(self.db_engine)
+
+    @cached_property
+    def cipher(self) -> crypto.TokenCipher:
+        """Encrypts tokens at rest and hashes them for lookups."""
+        return crypto.TokenCipher.from_settings(self.settings)
+
+    @cached_property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The process's event loop; the AuthN client's connections live on it."""
+        return asyncio.new_event_loop()
+
+    @cached_property
+    def client(self) -> authn.AuthnClient:
+        """One pooled AuthN client per process."""
+        return authn.AuthnClient.from_settings(self.settings)
+
+    @cached_property
+    def limiter(self) -> ratelimit.RateLimiter:
+        """The outbound rate limit: shared through Redis when the broker is Redis, else per process."""
+        broker = self.settings.celery_broker_url
+        if broker.startswith(("redis://", "rediss://")):
+            project = f"{self.settings.authn_base_url}|{self.settings.authn_token}"
+            return ratelimit.RedisRateLimiter(broker, project=project, rate=self.settings.rate_limit)
+        return ratelimit.LocalRateLimiter(self.settings.rate_limit)
+
+    @cached_property
+    def policy(self) -> decisions.Policy:
+        """The decision knobs from settings."""
+        return decisions.Policy(
+            check_interval=self.settings.check_interval,
+            refresh_margin_floor=self.settings.refresh_margin_floor,
+            refresh_margin_fraction=self.settings.refresh_margin_fraction,
+        )
+
+    @cached_property
+    def engine(self) -> engine.SyncEngine:
+        """The sync engine on this process's resources."""
+        s = self.settings
+        return engine.SyncEngine(
+            sessions=self.sessions,
+            client=self.client,
+            cipher=self.cipher,
+            limiter=self.limiter,
+            policy=self.policy,
+            batch_size=s.batch_size,
+            concurrency=s.concurrency,
+            lease=s.lease,
+            refresh_lease=s.refresh_lease,
+            bulk=s.bulk_revalidation,
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine to completion on the process's loop."""
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        """Close what was opened: the HTTP pool, Redis, the event loop, the DB pool."""
+        if "client" in self.__dict__:
+            self.run(self.client.aclose())
+        limiter = self.__dict__.get("limiter")
+        if isinstance(limiter, ratelimit.RedisRateLimiter):
+            self.run(limiter.aclose())
+        if "loop" in self.__dict__:
+            self.loop.close()
+        if "db_engine" in self.__dict__:
+            self.db_engine.dispose()
+
+
+_current: Runtime | None = None
+
+
+def get() -> Runtime:
+    """This process's runtime, made from the environment on first use."""
+    global _current
+    if _current is None:
+        _current = Runtime(Settings.from_env())
+    return _current
+
+
+def install(runtime: Runtime) -> None:
+    """Use ``runtime`` for this process (the CLI and tests build theirs from explicit settings)."""
+    global _current
+    _current = runtime
+
+
+def reset() -> None:
+    """Forget the inherited runtime after a fork, without closing the parent's connections."""
+    global _current
+    _current = None
+
+
+def close() -> None:
+    """Close this process's runtime, if any."""
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None

@@ -1,0 +1,126 @@
+"""The web app's side: record a login, authenticate a request, log out.
+
+The app passes its own SQLAlchemy ``Session`` (``db``) and owns the transaction: these functions
+flush but never commit, so a login or logout commits together with the app's own writes.
+Tokens are encrypted at rest and looked up by keyed hash; ``authenticate`` never calls Pangea.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from worker import crypto, errors, models, wire
+from worker.settings import Settings
+
+#: Realm in ``WWW-Authenticate`` answers unless the app names its own.
+DEFAULT_REALM = "session-sync"
+#: A new login is first re-checked after this long (the sweep's check interval takes over after).
+DEFAULT_FIRST_CHECK = timedelta(minutes=5)
+
+_DESCRIPTIONS = {
+    "unknown": "The token is not recognized",
+    "expired": "The token expired",
+    "logged_out": "The session was logged out",
+    "revoked": "The session was revoked",
+}
+
+
+@functools.cache
+def default_cipher() -> crypto.TokenCipher:
+    """The cipher from the environment (``SESSION_SYNC_ENCRYPTION_KEYS``), built once per process."""
+    return crypto.TokenCipher.from_settings(Settings.from_env())
+
+
+def record_login(
+    db: orm.Session,
+    userinfo: Mapping[str, Any],
+    *,
+    cipher: crypto.TokenCipher | None = None,
+    now: datetime | None = None,
+    first_check: timedelta = DEFAULT_FIRST_CHECK,
+) -> models.LocalSession:
+    """Store a local session from a ``/v2/client/userinfo`` (or refresh) envelope or its ``result``.
+
+    Raises ``errors.InvalidUserinfo`` naming the problem (never a token) and writes nothing when
+    the payload is not Pangea's.
+    """
+    cipher = cipher or default_cipher()
+    now = now or datetime.now(UTC)
+    creds = _parse_userinfo(userinfo)
+    active, refresh = creds.active_token, creds.refresh_token
+    assert active.token is not None and refresh.token is not None  # SessionCreds guarantees both
+    row = models.LocalSession(
+        user_id=active.identity,
+        email=active.email,
+        pangea_session_id=refresh.id,
+        active_token_id=active.id,
+        active_token_enc=cipher.encrypt(active.token),
+        active_token_hash=cipher.lookup_hash(active.token),
+        refresh_token_enc=cipher.encrypt(refresh.token),
+        active_expires_at=active.expire,
+        active_issued_at=active.created_at,
+        refresh_expires_at=refresh.expire,
+        next_check_at=min(now + first_check, active.expire),
+        created_at=now,
+        updated_at=now,
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def _parse_userinfo(userinfo: Mapping[str, Any]) -> wire.SessionCreds:
+    if not isinstance(userinfo, Mapping):
+        raise errors.InvalidUserinfo("userinfo is not a JSON object")
+    if "status" in userinfo:  # the whole envelope
+        if userinfo.get("status") != "Success":
+            raise errors.InvalidUserinfo(f"userinfo status is {userinfo.get('status')!r}, not 'Success'")
+        result = userinfo.get("result")
+        request_id = str(userinfo.get("request_id") or "")
+    else:
+        result, request_id = userinfo, ""
+    try:
+        return wire.SessionCreds.from_wire(result, request_id=request_id)
+    except errors.AuthnProtocolError as exc:
+        raise errors.InvalidUserinfo(f"userinfo is not Pangea's: {exc}") from None
+
+
+def authenticate(
+    db: orm.Session,
+    token_or_session_id: str | int,
+    *,
+    cipher: crypto.TokenCipher | None = None,
+    now: datetime | None = None,
+    realm: str = DEFAULT_REALM,
+) -> models.LocalSession:
+    """The live local session for an active token or a local session id; else ``SessionInvalid``.
+
+    Answers from the local database only: no Pangea call on the request path.
+    """
+    now = now or datetime.now(UTC)
+    if isinstance(token_or_session_id, int):
+        row = db.get(models.LocalSession, token_or_session_id)
+    else:
+        hashes = (cipher or default_cipher()).lookup_hashes(token_or_session_id)
+        row = db.scalars(
+            sa.select(models.LocalSession).where(models.LocalSession.active_token_hash.in_(hashes))
+        ).first()
+    if row is None:
+        raise _invalid("unknown", realm)
+    if row.state is models.SessionState.LOGGED_OUT:
+        raise _invalid("logged_out", realm)
+    if row.state is models.SessionState.REVOKED:
+        raise _invalid("expired" if row.end_reason == "expired" else "revoked", realm)
+    if row.active_expires_at <= now:
+        raise _invalid("expired", realm)
+    return row
+
+
+def _invalid(reason: str, realm: str) -> errors.SessionInvalid:
+    return errors.SessionInvalid(_DESCRIPTIONS[reason], realm=realm, reason=reason)

@@ -1,0 +1,36 @@
+"""Celery tasks: thin shells with stable names. Arguments and results carry ids and counts only.
+
+Every task is idempotent, because ``acks_late`` redelivers after a crash: claims and sweep slots
+in the database make a repeat a no-op or a harmless re-check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import operations, runtime
+from worker.celery import app
+
+
+@app.task(name="session_sync.sweep")
+def sweep() -> dict[str, Any]:
+    """Fan the due sessions out as batches (one per ``batch_size``); a duplicate beat does nothing."""
+    return operations.sweep(runtime.get(), lambda slot: check_batch.delay(slot=slot))
+
+
+@app.task(name="session_sync.check_batch")
+def check_batch(slot: str | None = None) -> dict[str, object]:
+    """Claim one batch of due sessions and bring each in line with Pangea."""
+    return operations.check_batch(runtime.get(), slot=slot)
+
+
+@app.task(name="session_sync.resync")
+def resync(session_id: int | None = None, user_id: str | None = None) -> dict[str, object]:
+    """Re-check now: one session, one user's sessions, or everything when called with no arguments."""
+    return operations.resync(runtime.get(), session_id=session_id, user_id=user_id)
+
+
+@app.task(name="session_sync.housekeeping")
+def housekeeping() -> dict[str, int]:
+    """Purge audit events past retention and old sweep records."""
+    return operations.housekeeping(runtime.get())
