@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from worker import errors
+from worker import errors, operations, runtime
 from worker.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -72,6 +73,151 @@ def emulator(host: str, port: int) -> None:
     client = os.environ.get("EMULATOR_CLIENT_TOKEN") or emu.DEFAULT_CLIENT_TOKEN
     click.echo(f"AuthN emulator on http://{host}:{port} (PANGEA_BASE_URL=http://{host}:{port})", err=True)
     emu.serve(host=host, port=port, service_token=service, client_token=client)
+
+
+def _runtime() -> runtime.Runtime:
+    return runtime.Runtime(_settings())
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+@click.option("--pool", type=click.Choice(["solo", "prefork", "threads"]), help="Default: solo on SQLite, prefork.")
+@click.option("--concurrency", type=click.IntRange(1, 256), help="Worker processes (prefork) or threads.")
+@clear_errors
+def worker(loglevel: str, pool: str | None, concurrency: int | None) -> None:
+    """Run a Celery worker with the beat scheduler embedded (one command for small deployments)."""
+    settings = _settings()
+    from worker.celery import app
+
+    pool = pool or ("solo" if settings.celery_broker_url.startswith("sqla+") else "prefork")
+    argv = ["worker", "-B", "-E", f"--loglevel={loglevel}", f"--pool={pool}"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True, help="Run one whole sweep in this process (no broker).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@clear_errors
+def sweep(once: bool, as_json: bool) -> None:
+    """Check every due session now, in this process: for cron, or when no broker runs."""
+    rt = _runtime()
+    try:
+        counts = operations.sweep_once(rt)
+    finally:
+        rt.close()
+    _print_counts(counts, as_json)
+    if counts.get("stopped"):
+        sys.exit(3)
+
+
+@main.command()
+@click.option("--all", "everything", is_flag=True, help="Every active session.")
+@click.option("--user", "user_id", help="Every active session of this Pangea user id (pui_...).")
+@click.option("--session", "session_id", type=int, help="One local session id.")
+@click.option("--wait", is_flag=True, help="Wait for the worker and print what it did.")
+@click.option("--local", is_flag=True, help="Do it in this process instead of sending it to a worker.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@clear_errors
+def resync(
+    everything: bool,
+    user_id: str | None,
+    session_id: int | None,
+    wait: bool,
+    local: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Re-check sessions against Pangea now, whatever their schedule."""
+    if sum((everything, user_id is not None, session_id is not None)) != 1:
+        raise click.UsageError("say exactly one of --all, --user ID, --session ID")
+    if local:
+        rt = _runtime()
+        try:
+            counts = operations.resync(rt, session_id=session_id, user_id=user_id)
+        finally:
+            rt.close()
+        _print_counts(counts, as_json)
+        return
+    _settings()
+    from celery import exceptions as celery_errors
+
+    from worker import tasks
+
+    result = tasks.resync.apply_async(kwargs={"session_id": session_id, "user_id": user_id})
+    if not wait:
+        click.echo(f"resync queued as task {result.id}")
+        return
+    try:
+        counts = result.get(timeout=timeout)
+    except celery_errors.TimeoutError:
+        click.echo(f"session-sync: no worker answered within {timeout:g} s (is one running?)", err=True)
+        sys.exit(1)
+    _print_counts(counts, as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
+@click.option("--session", "session_id", type=int, help="One session's state and audit trail.")
+@clear_errors
+def status(as_json: bool, session_id: int | None) -> None:
+    """Sessions by state, due now, outbox backlog and dead letters, the last sweep."""
+    rt = _runtime()
+    try:
+        report = operations.session_report(rt, session_id) if session_id else operations.status(rt)
+    finally:
+        rt.close()
+    if report is None:
+        raise click.ClickException(f"no session with id {session_id}")
+    if as_json:
+        _print_json(report)
+    elif session_id:
+        _print_session(report)
+    else:
+        _print_status(report)
+
+
+def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(counts)
+        return
+    keys = ("checked", "refreshed", "revoked", "failed")
+    click.echo("  ".join(f"{k}={counts.get(k, 0)}" for k in keys))
+    for reason, n in sorted((counts.get("revoked_by_reason") or {}).items()):
+        click.echo(f"  revoked ({reason}): {n}")
+    if counts.get("stopped"):
+        click.echo("STOPPED: Pangea refused PANGEA_AUTHN_TOKEN; nothing was changed", err=True)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    sessions = report["sessions"]
+    click.echo("sessions   " + "  ".join(f"{k}={v}" for k, v in sessions.items()))
+    click.echo(f"due now    {report['due']}   uncertain={report['uncertain']}  failing={report['failing']}")
+    click.echo("outbox     " + "  ".join(f"{k}={v}" for k, v in report["outbox"].items()))
+    last = report["last_sweep"]
+    if last is None:
+        click.echo("last sweep never")
+    else:
+        click.echo(
+            f"last sweep {last['slot']} ({last['kind']}): due={last['due']} checked={last['checked']} "
+            f"refreshed={last['refreshed']} revoked={last['revoked']} failed={last['failed']}"
+            + ("  STOPPED" if last["stopped"] else "")
+        )
+
+
+def _print_session(report: dict[str, Any]) -> None:
+    click.echo(f"session {report['id']}  user {report['user_id']}  {report['state']}")
+    if report["end_reason"]:
+        click.echo(f"ended {report['ended_at']}: {report['end_reason']}")
+    click.echo(f"active token expires {report['active_expires_at']}, next check {report['next_check_at']}")
+    for e in report["events"]:
+        click.echo(f"  {e['at']}  {e['action']:<10} {e['outcome']:<16} {e['reason'] or '':<16} {e['request_id'] or ''}")
 
 
 if __name__ == "__main__":

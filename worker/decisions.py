@@ -27,6 +27,7 @@ import enum
 import random
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from worker import wire
 
@@ -50,6 +51,10 @@ class Failure(enum.StrEnum):
     REJECTED_US = "rejected_us"  #: Unauthorized: our PANGEA_AUTHN_TOKEN is wrong
 
 
+#: Shortest wait before looking at a session again, whatever else the plan says.
+MIN_RECHECK = timedelta(seconds=1)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     """The tuning knobs the decisions depend on."""
@@ -59,10 +64,19 @@ class Policy:
     refresh_margin_fraction: float = 0.1
     #: Share of the margin drawn at random and taken off it, so sessions minted together spread out.
     refresh_jitter: float = 0.25
-    #: Shortest wait between two refresh attempts on one session.
+    #: Wait before re-checking a session whose refresh answer was lost.
     refresh_cooloff: timedelta = timedelta(seconds=10)
     backoff_base: timedelta = timedelta(seconds=5)
     backoff_cap: timedelta = timedelta(minutes=5)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Policy:
+        """The policy from a ``worker.settings.Settings`` (duck-typed: this module imports no settings)."""
+        return cls(
+            check_interval=settings.check_interval,
+            refresh_margin_floor=settings.refresh_margin_floor,
+            refresh_margin_fraction=settings.refresh_margin_fraction,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +155,7 @@ def plan_next_check(facts: SessionFacts, now: datetime, policy: Policy, rng: ran
     """The next time to look at a healthy session: the check interval, or the refresh time if sooner."""
     due = refresh_due_at(facts, policy, rng) if can_refresh(facts, now) else facts.active_expires_at
     planned: datetime = min(now + policy.check_interval, due)
-    return max(planned, now + policy.refresh_cooloff)
+    return max(planned, now + MIN_RECHECK)
 
 
 def backoff(failures: int, now: datetime, policy: Policy, rng: random.Random, retry_after: float | None) -> datetime:

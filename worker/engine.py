@@ -182,7 +182,7 @@ class SyncEngine:
             outcome.apply(db, now)
 
         counts = outcome.counts
-        counts.checked = len(to_check)
+        counts.checked = len(work)
         if to_refresh:
             counts.add(await self._refresh_all(to_refresh))
         return counts

@@ -14,6 +14,7 @@
         AuthnProtocolError   the body or envelope is not Pangea's
         AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
       SessionInvalid         from sessions.authenticate; .www_authenticate
+      UnknownSession         from sessions.logout / logout_user: no such local session or user
 
 Pangea's *answers* about a user token (``InvalidToken``, ``ExpiredToken``) are not errors: the
 AuthN client returns them as values. Only values may revoke a session (design invariant 1).
@@ -143,3 +144,7 @@ class SessionInvalid(SessionSyncError):
 
 def _rebuild_invalid(description: str, realm: str, reason: str) -> SessionInvalid:
     return SessionInvalid(description, realm=realm, reason=reason)
+
+
+class UnknownSession(SessionSyncError, LookupError):
+    """Raised when a logout names a local session id (or a user id) that has no local session."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import audit, models, queries, sweeps
+from worker import audit, engine, models, queries, sweeps
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,17 @@ def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None
 
 
 def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
-    """Claim and process one batch of due sessions; add its counts to its sweep's record."""
-    counts = rt.run(rt.engine.process_batch()).as_dict()
-    if slot is not None and counts["checked"]:
+    """Claim and process one batch of due sessions; add its counts to its sweep's record.
+
+    If Pangea refuses our own token the batch changes nothing, the sweep is marked stopped, and the
+    reason is logged loudly: every later sweep tries again, so fixing the token is the only step.
+    """
+    try:
+        counts = rt.run(rt.engine.process_batch()).as_dict()
+    except engine.OurTokenRejected as exc:
+        logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+        counts = engine.Counts(stopped=True).as_dict()
+    if slot is not None and (counts["checked"] or counts["stopped"]):
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=now())
     return counts
@@ -61,7 +69,11 @@ def sweep_once(rt: Runtime) -> dict[str, object]:
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
     with rt.sessions.begin() as db:
         claimed = sweeps.claim_slot(db, slot=slot, now=at, kind="once")
-    counts = rt.run(rt.engine.drain()).as_dict()
+    try:
+        counts = rt.run(rt.engine.drain()).as_dict()
+    except engine.OurTokenRejected as exc:
+        logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+        counts = engine.Counts(stopped=True).as_dict()
     if claimed:
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=slot, counts=counts, now=now())

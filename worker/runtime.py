@@ -68,11 +68,7 @@ class Runtime:
     @cached_property
     def policy(self) -> decisions.Policy:
         """The decision knobs from settings."""
-        return decisions.Policy(
-            check_interval=self.settings.check_interval,
-            refresh_margin_floor=self.settings.refresh_margin_floor,
-            refresh_margin_fraction=self.settings.refresh_margin_fraction,
-        )
+        return decisions.Policy.from_settings(self.settings)
 
     @cached_property
     def engine(self) -> engine.SyncEngine:

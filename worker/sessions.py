@@ -8,20 +8,20 @@ Tokens are encrypted at rest and looked up by keyed hash; ``authenticate`` never
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from worker import crypto, errors, models, wire
+from worker import crypto, decisions, errors, models, wire
 from worker.settings import Settings
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
 DEFAULT_REALM = "session-sync"
-#: A new login is first re-checked after this long (the sweep's check interval takes over after).
-DEFAULT_FIRST_CHECK = timedelta(minutes=5)
+_RNG = random.SystemRandom()
 
 _DESCRIPTIONS = {
     "unknown": "The token is not recognized",
@@ -37,13 +37,19 @@ def default_cipher() -> crypto.TokenCipher:
     return crypto.TokenCipher.from_settings(Settings.from_env())
 
 
+@functools.cache
+def default_policy() -> decisions.Policy:
+    """The worker's check and refresh knobs from the environment, so a login is first checked in time."""
+    return decisions.Policy.from_settings(Settings.from_env())
+
+
 def record_login(
     db: orm.Session,
     userinfo: Mapping[str, Any],
     *,
     cipher: crypto.TokenCipher | None = None,
     now: datetime | None = None,
-    first_check: timedelta = DEFAULT_FIRST_CHECK,
+    policy: decisions.Policy | None = None,
 ) -> models.LocalSession:
     """Store a local session from a ``/v2/client/userinfo`` (or refresh) envelope or its ``result``.
 
@@ -55,6 +61,15 @@ def record_login(
     creds = _parse_userinfo(userinfo)
     active, refresh = creds.active_token, creds.refresh_token
     assert active.token is not None and refresh.token is not None  # SessionCreds guarantees both
+    facts = decisions.SessionFacts(
+        active_expires_at=active.expire,
+        active_issued_at=active.created_at,
+        refresh_expires_at=refresh.expire,
+        has_refresh_token=True,
+        failures=0,
+        uncertain=False,
+    )
+    next_check = decisions.plan_next_check(facts, now, policy or default_policy(), _RNG)
     row = models.LocalSession(
         user_id=active.identity,
         email=active.email,
@@ -66,7 +81,7 @@ def record_login(
         active_expires_at=active.expire,
         active_issued_at=active.created_at,
         refresh_expires_at=refresh.expire,
-        next_check_at=min(now + first_check, active.expire),
+        next_check_at=next_check,
         created_at=now,
         updated_at=now,
     )

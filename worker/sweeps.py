@@ -28,8 +28,13 @@ def slot_of(now: datetime, period: timedelta) -> datetime:
 def claim_slot(db: orm.Session, *, slot: datetime, now: datetime, kind: str = "beat") -> bool:
     """Record that a sweep runs for ``slot``; False if one already did (a duplicate)."""
     insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(W).values(slot=slot, kind=kind, started_at=now).on_conflict_do_nothing(index_elements=["slot"])
-    return bool(dbmod.rowcount(db.execute(stmt)))
+    stmt = (
+        insert(W)
+        .values(slot=slot, kind=kind, started_at=now)
+        .on_conflict_do_nothing(index_elements=["slot"])
+        .returning(W.slot)  # rowcount of an INSERT is not reliable across drivers; RETURNING is
+    )
+    return db.execute(stmt).first() is not None
 
 
 def record_fanout(db: orm.Session, *, slot: datetime, due: int, batches: int) -> None:
