@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -211,6 +212,24 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def make_runtime(db_url: str, emu: RunningEmulator) -> Iterator[Any]:
+    """Build runtimes on the test's database and the emulator; closed after the test."""
+    from tests.helpers import settings_for
+    from worker import runtime
+
+    made: list[runtime.Runtime] = []
+
+    def make(**extra: str) -> runtime.Runtime:
+        rt = runtime.Runtime(settings_for(db_url, emu, **extra))
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator
-from tests.integration.test_engine import KEY, login, row
+from tests.helpers import KEY, login, row
 from worker import models, runtime
 from worker.settings import Settings
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,87 +15,10 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
-from worker import crypto, engine, models, queries, runtime, sessions, wire
-from worker.settings import Settings
+from tests.helpers import active_token, login, requests, row
+from worker import engine, models, queries, sessions, wire
 
 pytestmark = pytest.mark.timeout(120)
-
-KEY = crypto.generate_key()
-
-
-def settings_for(db_url: str, emu: RunningEmulator, **extra: str) -> Settings:
-    env = {
-        "DATABASE_URL": db_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "SESSION_SYNC_HTTP_RETRIES": "1",
-        "SESSION_SYNC_HTTP_TIMEOUT": "2",
-        "SESSION_SYNC_RATE_LIMIT": "1000",
-        "SESSION_SYNC_REFRESH_MARGIN": "10s",
-        "SESSION_SYNC_CHECK_INTERVAL": "5m",
-        "CELERY_BROKER_URL": "memory://",
-    }
-    return Settings.from_env(env | extra)
-
-
-@pytest.fixture
-def make_runtime(db_url: str, emu: RunningEmulator) -> Iterator[Any]:
-    made: list[runtime.Runtime] = []
-
-    def make(**extra: str) -> runtime.Runtime:
-        rt = runtime.Runtime(settings_for(db_url, emu, **extra))
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        rt.close()
-
-
-def login(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -> int:
-    """A user logs in through the hosted page; the app records the session. Returns its local id."""
-    code = emu.admin.login(email, **ttl)
-    creds = rt.run(rt.client.userinfo(code))
-    envelope = {
-        "status": "Success",
-        "request_id": creds.request_id,
-        "result": {
-            "active_token": _token_json(creds.active_token),
-            "refresh_token": _token_json(creds.refresh_token),
-        },
-    }
-    with rt.sessions.begin() as db:
-        return sessions.record_login(db, envelope, cipher=rt.cipher, policy=rt.policy).id
-
-
-def _token_json(t: wire.TokenInfo) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "token": t.token,
-        "type": t.type,
-        "life": t.life,
-        "expire": t.expire.isoformat(),
-        "identity": t.identity,
-        "email": t.email,
-        "profile": dict(t.profile),
-        "created_at": t.created_at.isoformat(),
-    }
-
-
-def row(rt: runtime.Runtime, session_id: int) -> models.LocalSession:
-    with rt.sessions() as db:
-        found = db.get(models.LocalSession, session_id)
-        assert found is not None
-        return found
-
-
-def active_token(rt: runtime.Runtime, session_id: int) -> str:
-    return rt.cipher.decrypt(row(rt, session_id).active_token_enc)
-
-
-def requests(emu: RunningEmulator, path: str) -> int:
-    return sum(emu.admin.stats()["requests"].get(path, {}).values())
 
 
 @pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
