@@ -29,6 +29,7 @@ def result_backend_for(broker_url: str, database_url: str) -> str:
     return "db+" + database_url
 
 
+_redis = settings.celery_broker_url.startswith(("redis://", "rediss://"))
 app = Celery("session_sync", include=["worker.tasks"])
 app.conf.update(
     broker_url=settings.celery_broker_url,
@@ -45,13 +46,19 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     task_track_started=True,
-    broker_transport_options={"visibility_timeout": 3600},
-    result_backend_transport_options={"visibility_timeout": 3600},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Redis redelivers an unacked task after the visibility timeout: keep it far above any task's run.
+    broker_transport_options={"visibility_timeout": 3600} if _redis else {},
     beat_schedule={
         "sweep": {"task": "session_sync.sweep", "schedule": settings.sweep_period.total_seconds()},
         "housekeeping": {"task": "session_sync.housekeeping", "schedule": 3600.0},
+        # Retries and missed kicks; a run that waited past its period is dropped, the next one covers it.
+        "deliver_logouts": {
+            "task": "session_sync.deliver_logouts",
+            "schedule": settings.outbox_period.total_seconds(),
+            "options": {"expires": max(settings.outbox_period.total_seconds(), 1.0)},
+        },
     },
 )
 

@@ -183,6 +183,17 @@ def status(as_json: bool, session_id: int | None) -> None:
         _print_status(report)
 
 
+@main.command()
+@click.option("--deadline", default=50.0, show_default=True, help="Give up after this many seconds.")
+@clear_errors
+def demo(deadline: float) -> None:
+    """The whole product on embedded defaults: SQLite, embedded broker, built-in emulator, real worker."""
+    from worker import demo as demo_mod
+
+    if not demo_mod.run(deadline=deadline):
+        sys.exit(1)
+
+
 def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(counts)
