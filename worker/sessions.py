@@ -7,6 +7,7 @@ Tokens are encrypted at rest and looked up by keyed hash; ``authenticate`` never
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from worker import crypto, decisions, errors, models, wire
+from worker import audit, crypto, decisions, errors, models, outbox, outbox_queries, wire
 from worker.settings import Settings
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
@@ -139,3 +140,96 @@ def authenticate(
 
 def _invalid(reason: str, realm: str) -> errors.SessionInvalid:
     return errors.SessionInvalid(_DESCRIPTIONS[reason], realm=realm, reason=reason)
+
+
+# --- logout: end the local session and queue the Pangea logout, in the caller's transaction ------
+
+#: ``end_reason`` of a session the app (or its user) logged out.
+DEFAULT_LOGOUT_REASON = "user_logout"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class UserLogout:
+    """What :func:`logout_user` did: the local sessions it ended and the queued ``/v2/session/logout``."""
+
+    user_id: str
+    session_ids: tuple[int, ...]
+    event_id: int
+
+
+def _end_sessions(*where: sa.ColumnElement[bool], reason: str, now: datetime) -> sa.Update:
+    S = models.LocalSession
+    return (
+        sa.update(S)
+        .where(models.session_is_active(), *where)
+        .values(
+            state=models.SessionState.LOGGED_OUT,
+            end_reason=reason,
+            ended_at=now,
+            updated_at=now,
+            refresh_token_enc=None,  # spent with the session; nobody may refresh it again
+            claimed_until=None,
+            claim_token=None,
+            version=S.version + 1,  # a sync worker holding the row drops its result
+        )
+        .returning(S.id, S.user_id, S.active_token_enc)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def logout(
+    db: orm.Session,
+    session_id: int,
+    *,
+    reason: str = DEFAULT_LOGOUT_REASON,
+    now: datetime | None = None,
+    kick: outbox.Kick = None,
+) -> models.LocalSession:
+    """End a local session and queue its Pangea logout, in the caller's transaction (flushed, not committed).
+
+    Idempotent: a session that already ended is returned as it is, and nothing more is queued.
+    Raises ``errors.UnknownSession`` when there is no such session. ``kick`` (see
+    ``worker.outbox.kick_after_commit``) starts delivery right after the commit.
+    """
+    now = now or datetime.now(UTC)
+    ended = db.execute(_end_sessions(models.LocalSession.id == session_id, reason=reason, now=now)).first()
+    if ended is not None:
+        outbox_queries.add_session_logout(
+            db, session_id=ended.id, user_id=ended.user_id, token_enc=ended.active_token_enc, now=now
+        )
+        audit.record_one(db, _logged_out(ended.id, reason), now=now)
+        outbox.kick_after_commit(db, kick)
+    row = db.get(models.LocalSession, session_id)
+    if row is None:
+        raise errors.UnknownSession(f"no local session with id {session_id}")
+    return row
+
+
+def logout_user(
+    db: orm.Session,
+    user_id: str,
+    *,
+    reason: str = DEFAULT_LOGOUT_REASON,
+    now: datetime | None = None,
+    kick: outbox.Kick = None,
+) -> UserLogout:
+    """End every active local session of a user and queue one ``/v2/session/logout`` for them.
+
+    Runs in the caller's transaction (flushed, not committed). The Pangea logout ends the user's
+    sessions everywhere, so it is queued even when no local session was still active; a pending one
+    is reused instead of queuing another. Raises ``errors.UnknownSession`` for a user id that never
+    had a local session.
+    """
+    now = now or datetime.now(UTC)
+    S = models.LocalSession
+    ended = sorted(row.id for row in db.execute(_end_sessions(S.user_id == user_id, reason=reason, now=now)))
+    if not ended and db.execute(sa.select(S.id).where(S.user_id == user_id).limit(1)).first() is None:
+        raise errors.UnknownSession(f"no local session for user {user_id}")
+    event_id = outbox_queries.add_user_logout(db, user_id=user_id, now=now)
+    audit.record(db, [_logged_out(sid, reason) for sid in ended], now=now)
+    outbox.kick_after_commit(db, kick)
+    return UserLogout(user_id=user_id, session_ids=tuple(ended), event_id=event_id)
+
+
+def _logged_out(session_id: int, reason: str) -> audit.Event:
+    return audit.Event(session_id=session_id, action="logged_out", outcome="logout_queued", reason=reason)

@@ -25,12 +25,22 @@ def check_batch(slot: str | None = None) -> dict[str, object]:
 
 
 @app.task(name="session_sync.resync")
-def resync(session_id: int | None = None, user_id: str | None = None) -> dict[str, object]:
+def resync(
+    session_id: int | None = None, user_id: str | None = None, confirm_revocations: bool = False
+) -> dict[str, object]:
     """Re-check now: one session, one user's sessions, or everything when called with no arguments."""
-    return operations.resync(runtime.get(), session_id=session_id, user_id=user_id)
+    return operations.resync(
+        runtime.get(), session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations
+    )
 
 
 @app.task(name="session_sync.housekeeping")
 def housekeeping() -> dict[str, int]:
     """Purge audit events past retention and old sweep records."""
     return operations.housekeeping(runtime.get())
+
+
+@app.task(name="session_sync.deliver_logouts")
+def deliver_logouts() -> dict[str, object]:
+    """Deliver due logouts to Pangea (periodic, and kicked after each logout commits); counts only."""
+    return operations.deliver_logouts(runtime.get())

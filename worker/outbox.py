@@ -1,0 +1,329 @@
+"""Logout delivery: the outbox row is the truth, the Celery message only a nudge.
+
+``worker.sessions.logout`` / ``logout_user`` write a ``logout_outbox`` row in the app's own
+transaction. :class:`Delivery` brings each row to Pangea at least once:
+
+1. claim due pending events with a lease, and commit;
+2. call ``/v2/client/session/logout`` (the decrypted token) or ``/v2/session/logout`` (the user id),
+   outside any transaction, bounded in concurrency and under the shared rate limit;
+3. decide (``worker.outbox_decisions``) and record every outcome in one short transaction,
+   guarded by ``claim_token``: delivered (token erased), back off, pause, or dead letter.
+
+A worker that dies between 2 and 3 leaves its rows leased; when the lease lapses another worker
+delivers them again, and Pangea answers InvalidToken, which counts as delivered: a second delivery
+has no second effect. Retry times live in ``next_attempt_at``, never in Celery countdowns.
+
+The kick: after the app's commit, :func:`kick_after_commit` sends ``session_sync.deliver_logouts`` so
+a logout reaches Pangea in about a second instead of at the next periodic run. A broker that is
+down or lost the message only delays delivery; the periodic task finds the row in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import event, orm
+
+from worker import audit, authn, crypto, errors, models, ratelimit, wire
+from worker import outbox_decisions as od
+from worker import outbox_queries as oq
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: The Celery task that delivers due logouts (stable: other languages and Flower send it by name).
+TASK_NAME = "session_sync.deliver_logouts"
+#: Longest a kick message waits in the broker before it is dropped (the periodic run covers it).
+KICK_EXPIRES = 300.0
+#: How long one delivery run keeps claiming batches before it yields the worker to other tasks.
+DEFAULT_BUDGET = timedelta(seconds=60)
+
+#: What ``kick`` accepts: None (kick when a broker is configured), True, False, or a callable to call instead.
+Kick = bool | Callable[[], object] | None
+
+_KICK_KEY = "session_sync.outbox_kick"
+
+
+@dataclass(slots=True)
+class Counts:
+    """What a delivery run did (ids and counts only, never a token)."""
+
+    claimed: int = 0
+    delivered: int = 0
+    already: int = 0
+    retried: int = 0
+    paused: int = 0
+    dead: int = 0
+    stopped: bool = False
+
+    def add(self, other: Counts) -> None:
+        """Fold another Counts into this one."""
+        self.claimed += other.claimed
+        self.delivered += other.delivered
+        self.already += other.already
+        self.retried += other.retried
+        self.paused += other.paused
+        self.dead += other.dead
+        self.stopped = self.stopped or other.stopped
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-friendly summary; ``delivered`` includes ``already`` (logged out at Pangea before)."""
+        return {
+            "claimed": self.claimed,
+            "delivered": self.delivered,
+            "already": self.already,
+            "retried": self.retried,
+            "paused": self.paused,
+            "dead": self.dead,
+            "stopped": self.stopped,
+        }
+
+
+def policy_from_settings(settings: Settings) -> od.Policy:
+    """The backoff and dead-letter knobs from settings."""
+    return od.Policy(
+        backoff_base=settings.outbox_backoff,
+        backoff_cap=settings.outbox_backoff_cap,
+        max_attempts=settings.outbox_max_attempts,
+        max_age=settings.outbox_max_age,
+    )
+
+
+class _Batch:
+    """One claimed batch in flight; remembers whether Pangea refused our own token."""
+
+    def __init__(self) -> None:
+        self.rejected: od.Result | None = None
+
+
+class Delivery:
+    """Delivers queued logouts to Pangea; one per worker process (see ``worker.runtime``)."""
+
+    def __init__(
+        self,
+        *,
+        sessions: orm.sessionmaker[orm.Session],
+        client: authn.AuthnClient,
+        cipher: crypto.TokenCipher,
+        limiter: ratelimit.RateLimiter,
+        policy: od.Policy,
+        batch_size: int,
+        concurrency: int,
+        lease: timedelta,
+        budget: timedelta = DEFAULT_BUDGET,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._client = client
+        self._cipher = cipher
+        self._limiter = limiter
+        self._policy = policy
+        self._batch_size = batch_size
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._lease = lease
+        self._budget = budget
+        self._clock = clock
+        self._rng = rng or random.SystemRandom()
+
+    async def drain(self, *, event_ids: Sequence[int] | None = None) -> Counts:
+        """Deliver batch after batch until nothing is due, Pangea refuses our token, or the budget is spent."""
+        deadline = time.monotonic() + self._budget.total_seconds()
+        total = Counts()
+        while True:
+            counts = await self.deliver_batch(event_ids=event_ids)
+            total.add(counts)
+            if counts.claimed == 0 or counts.stopped or time.monotonic() >= deadline:
+                return total
+
+    async def deliver_batch(self, *, event_ids: Sequence[int] | None = None) -> Counts:
+        """Claim one batch of due events, call Pangea for each, and record the outcomes."""
+        claim_token = secrets.token_hex(16)
+        with self._sessions.begin() as db:
+            claimed = oq.claim_due_events(
+                db,
+                now=self._clock(),
+                limit=self._batch_size,
+                lease=self._lease,
+                claim_token=claim_token,
+                event_ids=event_ids,
+            )
+        if not claimed:
+            return Counts()
+        try:
+            batch = _Batch()
+            results = await asyncio.gather(*(self._attempt(e, batch) for e in claimed))
+        except BaseException:
+            # Whatever went wrong, give the rows back now instead of when the lease lapses.
+            with self._sessions.begin() as db:
+                oq.release(db, claim_token=claim_token)
+            raise
+        counts = self._record(claimed, results)
+        counts.stopped = batch.rejected is not None
+        if counts.stopped:
+            logger.error(
+                "Pangea refused PANGEA_AUTHN_TOKEN: logout delivery paused for %s",
+                self._policy.pause,
+                extra={"action": "outbox_paused", "events": len(claimed)},
+            )
+        return counts
+
+    # --- one event -----------------------------------------------------------------------------
+
+    async def _attempt(self, ev: oq.ClaimedEvent, batch: _Batch) -> od.Result:
+        async with self._semaphore:
+            if batch.rejected is not None:  # do not keep knocking with a token Pangea refused
+                return batch.rejected
+            await self._limiter.acquire()
+            if batch.rejected is not None:
+                return batch.rejected
+            try:
+                ended = await self._call(ev)
+            except errors.AuthnRejectedUs as exc:
+                batch.rejected = od.Result(outcome=od.Outcome.REJECTED_US, error=_describe(exc))
+                return batch.rejected
+            except errors.AuthnRateLimited as exc:
+                return od.Result(outcome=od.Outcome.FAILED, error=_describe(exc), retry_after=exc.retry_after)
+            except errors.AuthnRequestRejected as exc:
+                return od.Result(outcome=od.Outcome.REFUSED, error=_describe(exc))
+            except (errors.AuthnError, errors.CryptoError) as exc:
+                return od.Result(outcome=od.Outcome.FAILED, error=_describe(exc))
+        outcome = od.Outcome.LOGGED_OUT if ended.verdict is wire.Verdict.VALID else od.Outcome.ALREADY
+        return od.Result(outcome=outcome, request_id=ended.request_id, verdict=ended.verdict.value)
+
+    async def _call(self, ev: oq.ClaimedEvent) -> wire.Ended:
+        if ev.kind is models.OutboxKind.USER:
+            return await self._client.session_logout(ev.user_id)
+        if ev.token_enc is None:
+            raise errors.CryptoError("the event holds no token to log out with")
+        return await self._client.client_logout(self._cipher.decrypt(ev.token_enc))
+
+    # --- the outcome ---------------------------------------------------------------------------
+
+    def _record(self, claimed: list[oq.ClaimedEvent], results: list[od.Result]) -> Counts:
+        now = self._clock()
+        counts = Counts(claimed=len(claimed))
+        delivered: list[dict[str, object]] = []
+        later: list[dict[str, object]] = []
+        dead: list[dict[str, object]] = []
+        trail: list[audit.Event] = []
+        for ev, result in zip(claimed, results, strict=True):
+            facts = od.EventFacts(attempts=ev.attempts, created_at=ev.queued_at)
+            decision = od.decide(facts, result, now, self._policy, self._rng)
+            guard: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": decision.attempts}
+            if decision.action is od.Action.DELIVERED:
+                delivered.append(guard)
+                counts.delivered += 1
+                counts.already += result.outcome is od.Outcome.ALREADY
+                if ev.session_id is not None:
+                    outcome = result.verdict or "valid"
+                    trail.append(
+                        audit.Event(
+                            session_id=ev.session_id,
+                            action="logout_sent",
+                            outcome=outcome,
+                            request_id=result.request_id,
+                        )
+                    )
+            elif decision.action is od.Action.DEAD:
+                dead.append(guard | {"last_error": decision.error})
+                counts.dead += 1
+                logger.warning(
+                    "Logout became a dead letter: %s",
+                    decision.error,
+                    extra={"action": "outbox_dead", "event_id": ev.id, "kind": str(ev.kind)},
+                )
+                if ev.session_id is not None:
+                    trail.append(audit.Event(session_id=ev.session_id, action="logout_dead", outcome="dead"))
+            else:
+                later.append(guard | {"next_attempt_at": decision.next_attempt_at, "last_error": decision.error})
+                if decision.action is od.Action.PAUSE:
+                    counts.paused += 1
+                else:
+                    counts.retried += 1
+        with self._sessions.begin() as db:
+            oq.mark_delivered(db, delivered, now=now)
+            oq.reschedule(db, later)
+            oq.mark_dead(db, dead, now=now)
+            audit.record(db, trail, now=now)
+        logger.info("Logouts delivered", extra={"action": "outbox_batch", **counts.as_dict()})
+        return counts
+
+
+def _describe(exc: errors.SessionSyncError) -> str:
+    """A failure for ``last_error``: its class and message (messages in our error tree never hold a token)."""
+    return od.clip(f"{type(exc).__name__}: {exc}")
+
+
+# --- the kick after commit ------------------------------------------------------------------------
+
+
+def kick_after_commit(db: orm.Session, kick: Kick = None) -> None:
+    """Send ``session_sync.deliver_logouts`` once ``db`` commits (nothing on rollback).
+
+    ``kick``: None sends it when a broker is configured (``CELERY_BROKER_URL`` set and
+    ``SESSION_SYNC_OUTBOX_KICK`` not off), True always, False never; a callable is called instead
+    (an app with its own Celery app, tests). Failures are logged, never raised: the row is the truth.
+    """
+    sender = _sender(kick)
+    if sender is None:
+        return
+    db.info[_KICK_KEY] = sender
+    if not event.contains(db, "after_commit", _after_commit):
+        event.listen(db, "after_commit", _after_commit)
+        event.listen(db, "after_rollback", _after_rollback)
+
+
+def send_delivery_task() -> None:
+    """Send ``session_sync.deliver_logouts`` through the Celery app (``worker.celery``), without retrying."""
+    from worker import celery  # reads the settings once; importing it is the edge
+
+    celery.app.send_task(TASK_NAME, retry=False, expires=KICK_EXPIRES)
+
+
+def broker_configured(env: Mapping[str, str] | None = None) -> bool:
+    """Whether an automatic kick can reach a broker: CELERY_BROKER_URL set, kicks not switched off."""
+    env = os.environ if env is None else env
+    url = env.get("CELERY_BROKER_URL", "")
+    if not url or url.startswith("memory://"):
+        return False
+    try:
+        return Settings.from_env(env).outbox_kick
+    except errors.ConfigError:
+        return False
+
+
+def _sender(kick: Kick) -> Callable[[], object] | None:
+    if kick is False:
+        return None
+    if kick is True:
+        return send_delivery_task
+    if kick is None:
+        return send_delivery_task if broker_configured() else None
+    return kick
+
+
+def _after_commit(db: orm.Session) -> None:
+    sender = db.info.pop(_KICK_KEY, None)
+    if sender is None:
+        return
+    try:
+        sender()
+    except (Exception, SystemExit) as exc:  # worker.celery exits on a bad setting; never take the app down
+        logger.warning(
+            "Could not kick logout delivery (%s); the periodic run will deliver it",
+            type(exc).__name__,
+            extra={"action": "outbox_kick_failed"},
+        )
+
+
+def _after_rollback(db: orm.Session) -> None:
+    db.info.pop(_KICK_KEY, None)
