@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,7 @@ import orjson
 import tenacity
 
 import worker
-from worker import errors, wire
+from worker import errors, metrics, wire
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class AuthnClient:
         timeout: float | None,
     ) -> wire.Envelope:
         headers = {"X-Pangea-Retried-Request-Ids": ",".join(retried_ids)} if retried_ids else None
+        started, status = time.perf_counter(), "error"  # "error": no HTTP response at all
         try:
             response = await self._http.post(
                 path,
@@ -245,12 +247,15 @@ class AuthnClient:
                 headers=headers,
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
+            status = str(response.status_code)
         except _NOT_SENT as exc:
             raise errors.AuthnUnreachable(f"{path}: {type(exc).__name__}", path=path) from exc
         except httpx.HTTPError as exc:
             # Sent, perhaps performed, answer lost: a timeout, a reset, a cut-off body.
             cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
             raise cls(f"{path}: {type(exc).__name__} after sending", path=path) from exc
+        finally:
+            metrics.observe_pangea(path, status, time.perf_counter() - started)
         header_id = response.headers.get("x-request-id")
         if header_id:
             retried_ids.append(header_id)

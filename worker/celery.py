@@ -7,12 +7,13 @@ any task's runtime. Long delays never live in Celery countdowns: they live in th
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from celery import Celery, signals
 
-from worker import errors, runtime
+from worker import errors, logs, metrics, runtime
 from worker.settings import Settings
 
 try:
@@ -66,8 +67,35 @@ app.conf.update(
 @signals.worker_process_init.connect
 def _fresh_runtime_in_child(**_: Any) -> None:
     runtime.reset()
+    metrics.after_fork()
 
 
 @signals.worker_process_shutdown.connect
 def _close_runtime(**_: Any) -> None:
     runtime.close()
+    metrics.process_exited()
+
+
+# Metrics (worker.metrics): multiprocess mode before the pool forks; /metrics served once, by the
+# main worker process, when it is ready. Beat and Flower send no worker_* signals, so never serve.
+@signals.worker_init.connect
+def _metrics_before_pool(**_: Any) -> None:
+    if settings.metrics_port:
+        metrics.enable_multiprocess()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    metrics.serve(settings)
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    metrics.shutdown()
+
+
+# Logs (worker.logs): redaction on every handler Celery sets up, JSON lines if SESSION_SYNC_LOG_FORMAT=json.
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    logs.install(logger.handlers, settings.log_format)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from worker import errors, operations, runtime
+from worker import cli_outbox, errors, logs, operations, runtime
 from worker.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,8 +40,10 @@ def clear_errors(func: F) -> F:
 
 @click.group()
 @click.version_option(package_name="pangea-session-sync")
+@clear_errors
 def main() -> None:
     """Keep a web app's local sessions true to Pangea AuthN."""
+    logs.configure(_settings().log_format)  # text or JSON lines on stderr, tokens scrubbed
 
 
 @main.group()
@@ -123,6 +125,11 @@ def sweep(once: bool, as_json: bool) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the worker and print what it did.")
 @click.option("--local", is_flag=True, help="Do it in this process instead of sending it to a worker.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
+@click.option(
+    "--confirm-revocations",
+    is_flag=True,
+    help="Clear a tripped mass-revocation guard and let this resync revoke what Pangea says is gone.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @clear_errors
 def resync(
@@ -132,6 +139,7 @@ def resync(
     wait: bool,
     local: bool,
     timeout: float,
+    confirm_revocations: bool,
     as_json: bool,
 ) -> None:
     """Re-check sessions against Pangea now, whatever their schedule."""
@@ -140,7 +148,9 @@ def resync(
     if local:
         rt = _runtime()
         try:
-            counts = operations.resync(rt, session_id=session_id, user_id=user_id)
+            counts = operations.resync(
+                rt, session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations
+            )
         finally:
             rt.close()
         _print_counts(counts, as_json)
@@ -150,7 +160,8 @@ def resync(
 
     from worker import tasks
 
-    result = tasks.resync.apply_async(kwargs={"session_id": session_id, "user_id": user_id})
+    kwargs = {"session_id": session_id, "user_id": user_id, "confirm_revocations": confirm_revocations}
+    result = tasks.resync.apply_async(kwargs=kwargs)
     if not wait:
         click.echo(f"resync queued as task {result.id}")
         return
@@ -198,12 +209,17 @@ def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(counts)
         return
-    keys = ("checked", "refreshed", "revoked", "failed")
+    keys = ("checked", "refreshed", "revoked", "failed", "held")
     click.echo("  ".join(f"{k}={counts.get(k, 0)}" for k in keys))
     for reason, n in sorted((counts.get("revoked_by_reason") or {}).items()):
         click.echo(f"  revoked ({reason}): {n}")
     if counts.get("stopped"):
         click.echo("STOPPED: Pangea refused PANGEA_AUTHN_TOKEN; nothing was changed", err=True)
+    if counts.get("held"):
+        click.echo(
+            "HELD: the mass-revocation guard kept sessions Pangea called gone; see `session-sync status`",
+            err=True,
+        )
 
 
 def _print_status(report: dict[str, Any]) -> None:
@@ -211,6 +227,9 @@ def _print_status(report: dict[str, Any]) -> None:
     click.echo("sessions   " + "  ".join(f"{k}={v}" for k, v in sessions.items()))
     click.echo(f"due now    {report['due']}   uncertain={report['uncertain']}  failing={report['failing']}")
     click.echo("outbox     " + "  ".join(f"{k}={v}" for k, v in report["outbox"].items()))
+    guard_state = report.get("revocation_guard") or {}
+    if guard_state.get("tripped"):
+        click.echo(f"REVOCATIONS HELD since {guard_state['tripped_at']}: {guard_state['reason']}")
     last = report["last_sweep"]
     if last is None:
         click.echo("last sweep never")
@@ -230,6 +249,9 @@ def _print_session(report: dict[str, Any]) -> None:
     for e in report["events"]:
         click.echo(f"  {e['at']}  {e['action']:<10} {e['outcome']:<16} {e['reason'] or '':<16} {e['request_id'] or ''}")
 
+
+main.add_command(cli_outbox.logout)
+main.add_command(cli_outbox.outbox)
 
 if __name__ == "__main__":
     main()

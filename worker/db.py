@@ -139,3 +139,18 @@ def head_revision() -> str:
 def rowcount(result: sa.Result[Any]) -> int:
     """Rows matched by an UPDATE/DELETE/INSERT result (typed access to ``CursorResult.rowcount``)."""
     return int(cast("sa.CursorResult[Any]", result).rowcount)
+
+
+def picked(db: orm.Session, column: orm.InstrumentedAttribute[Any], pick: sa.Select[Any]) -> sa.ColumnElement[bool]:
+    """``column IN (pick)`` for a claiming UPDATE, with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
+
+    On PostgreSQL the pick runs as a CTE (always materialized, since it locks rows): as a plain
+    ``IN (sub-select)`` the planner may rescan the locking sub-select for each outer row; each
+    rescan skips the rows this very UPDATE just leased, and ``LIMIT`` stops limiting (one claim of
+    25 took a thousand rows). SQLite drops ``FOR UPDATE``; there the conditional UPDATE itself is
+    the claim, atomic because SQLite runs one writer at a time.
+    """
+    if db.get_bind().dialect.name == "postgresql":
+        cte = pick.with_for_update(skip_locked=True).cte("picked")
+        return column.in_(sa.select(*cte.c))
+    return column.in_(pick.scalar_subquery())

@@ -15,6 +15,8 @@ The table (also in the README)::
                                     then forget the spent refresh token and keep the session while
                                     its active token lives (revoked as refresh_lost when it lapses)
     refresh: ExpiredToken           revoke (expired)
+    no answer for longer than       fail-open (default): keep, flagged stale for the app;
+      max_unverified                  fail-closed: revoke (unverifiable)
     refresh: answer lost            keep, mark uncertain, re-check the active token soon
     no answer (5xx, timeout, 429,   keep; count the failure; retry after a backoff with full jitter
       malformed body)                 (at least Retry-After)
@@ -68,6 +70,10 @@ class Policy:
     refresh_cooloff: timedelta = timedelta(seconds=10)
     backoff_base: timedelta = timedelta(seconds=5)
     backoff_cap: timedelta = timedelta(minutes=5)
+    #: How long a session may go without a verdict from Pangea before the staleness policy applies.
+    max_unverified: timedelta | None = None
+    #: Staleness policy: False keeps stale sessions (fail-open), True revokes them (fail-closed).
+    fail_closed: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> Policy:
@@ -76,6 +82,8 @@ class Policy:
             check_interval=settings.check_interval,
             refresh_margin_floor=settings.refresh_margin_floor,
             refresh_margin_fraction=settings.refresh_margin_fraction,
+            max_unverified=settings.max_unverified,
+            fail_closed=settings.stale_policy == "revoke",
         )
 
 
@@ -89,6 +97,8 @@ class SessionFacts:
     has_refresh_token: bool
     failures: int
     uncertain: bool
+    #: When Pangea last answered for this session (or when it was recorded); None: unknown.
+    verified_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +177,13 @@ def backoff(failures: int, now: datetime, policy: Policy, rng: random.Random, re
     return now + max(wait, timedelta(seconds=1))
 
 
+def is_stale(facts: SessionFacts, now: datetime, policy: Policy) -> bool:
+    """True when Pangea has not answered for this session for longer than ``max_unverified``."""
+    if policy.max_unverified is None or facts.verified_at is None:
+        return False
+    return now - facts.verified_at > policy.max_unverified
+
+
 def before_check(facts: SessionFacts, now: datetime, policy: Policy, rng: random.Random) -> Action:
     """Refresh straight away when the token is inside its margin (the refresh answers for it), else check."""
     if can_refresh(facts, now) and now >= refresh_due_at(facts, policy, rng):
@@ -220,7 +237,7 @@ def after_refresh(facts: SessionFacts, answer: Answer, now: datetime, policy: Po
                 drop_refresh_token=True,
             )
         return Decision(action=Action.REVOKE, reason="refresh_lost" if facts.uncertain else "refresh_invalid")
-    if answer.failure is Failure.OUTCOME_UNKNOWN:
+    if answer.failure is Failure.OUTCOME_UNKNOWN and not (policy.fail_closed and is_stale(facts, now, policy)):
         wait = max(policy.refresh_cooloff, timedelta(seconds=answer.retry_after or 0))
         return Decision(action=Action.KEEP, next_check_at=now + wait, failures=facts.failures + 1, uncertain=True)
     return _no_answer(facts, answer, now, policy, rng)
@@ -229,6 +246,8 @@ def after_refresh(facts: SessionFacts, answer: Answer, now: datetime, policy: Po
 def _no_answer(facts: SessionFacts, answer: Answer, now: datetime, policy: Policy, rng: random.Random) -> Decision:
     if answer.failure is Failure.REJECTED_US:
         return Decision(action=Action.STOP, failures=facts.failures)
+    if is_stale(facts, now, policy) and policy.fail_closed:
+        return Decision(action=Action.REVOKE, reason="unverifiable")
     failures = facts.failures + 1
     return Decision(
         action=Action.KEEP,

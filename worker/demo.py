@@ -26,7 +26,7 @@ import click
 import sqlalchemy as sa
 import uvicorn
 
-from worker import crypto, emulator, models, runtime, sessions
+from worker import crypto, emulator, models, runtime, sessions, wire
 from worker import db as dbmod
 from worker.settings import Settings
 
@@ -116,6 +116,8 @@ def run(*, deadline: float = DEFAULT_DEADLINE, echo: Callable[[str], None] = cli
                 "SESSION_SYNC_CHECK_INTERVAL": "4s",
                 "SESSION_SYNC_SWEEP_PERIOD": "1s",
                 "SESSION_SYNC_REFRESH_MARGIN": "3s",
+                "SESSION_SYNC_OUTBOX_PERIOD": "1s",
+                "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
             }
             rt = runtime.Runtime(Settings.from_env(env))
             try:
@@ -132,8 +134,15 @@ def _show(rt: runtime.Runtime, env: dict[str, str], folder: Path, deadline: floa
         Group("killed at Pangea", "revoked (invalid_token)", _all(models.SessionState.REVOKED, "invalid_token")),
         Group("about to expire", "refreshed, still active", lambda rows: False),
         Group("expired, worker down", "revoked (expired)", _all(models.SessionState.REVOKED, "expired")),
+        Group("logged out, Pangea 5xx", "logged out here and at Pangea", lambda rows: False),
     ]
-    healthy, killed, expiring, mortal = groups
+    healthy, killed, expiring, mortal, logged_out = groups
+    logged_out.done = lambda rows: (
+        _all(models.SessionState.LOGGED_OUT, "user_logout")(rows)
+        and all(
+            rt.run(rt.client.check_token(logged_out.first_tokens[r.id])).verdict is wire.Verdict.INVALID for r in rows
+        )
+    )
     expiring.done = lambda rows: (
         bool(rows)
         and all(
@@ -151,14 +160,16 @@ def _show(rt: runtime.Runtime, env: dict[str, str], folder: Path, deadline: floa
         (healthy, 12, {}),
         (killed, 10, {}),
         (expiring, 10, {"active_ttl": 10}),
+        (logged_out, 6, {}),
     ]
     for group, count, ttl in plan:
         for i in range(count):
             sid = _login(rt, admin, f"{group.name.split()[0].rstrip(',')}{i}@example.com", **ttl)
             group.ids.append(sid)
     time.sleep(max(0.0, 1.5 - (time.monotonic() - seeded)))
-    for sid in expiring.ids:
-        expiring.first_tokens[sid] = rt.cipher.decrypt(_rows(rt, [sid])[0].active_token_enc)
+    for group in (expiring, logged_out):
+        for sid in group.ids:
+            group.first_tokens[sid] = rt.cipher.decrypt(_rows(rt, [sid])[0].active_token_enc)
     echo(
         f"seeded {sum(len(g.ids) for g in groups)} sessions through Pangea's login flow: "
         + ", ".join(f"{len(g.ids)} {g.name}" for g in groups)
@@ -168,8 +179,18 @@ def _show(rt: runtime.Runtime, env: dict[str, str], folder: Path, deadline: floa
         for sid in killed.ids:
             rt.run(rt.client.session_invalidate(_rows(rt, [sid])[0].pangea_session_id or ""))
         echo(f"killed {len(killed.ids)} sessions at Pangea; worker and beat running (log: {log.name})")
+        # Users log out while Pangea answers every logout with a 5xx: the outbox keeps them.
+        admin.faults(error_rate=1.0, error="InternalError", paths=["/v2/client/session/logout"])
+        with rt.sessions.begin() as db:
+            for sid in logged_out.ids:
+                sessions.logout(db, sid, kick=False)
+        echo(f"{len(logged_out.ids)} users logged out while Pangea fails every logout; it heals in 5 s")
+        heal_at = time.monotonic() + 5
         started = time.monotonic()
         while True:
+            if heal_at and time.monotonic() >= heal_at:
+                admin.clear_faults()
+                heal_at = 0.0
             elapsed = time.monotonic() - started
             done = {g.name: g.done(_rows(rt, g.ids)) for g in groups}
             echo(f"  {elapsed:4.0f} s  " + "  ".join(f"{g.name}: {'ok' if done[g.name] else '..'}" for g in groups))
@@ -226,7 +247,7 @@ def _rows(rt: runtime.Runtime, ids: list[int]) -> list[models.LocalSession]:
 def _table(rt: runtime.Runtime, groups: list[Group], echo: Callable[[str], None]) -> bool:
     now = datetime.now(UTC)
     echo("")
-    echo(f"{'group':<22} {'n':>3}  {'expected':<26} {'what happened':<40} ")
+    echo(f"{'group':<22} {'n':>3}  {'expected':<30} {'what happened':<32} ")
     all_ok = True
     for g in groups:
         rows = _rows(rt, g.ids)
@@ -239,7 +260,7 @@ def _table(rt: runtime.Runtime, groups: list[Group], echo: Callable[[str], None]
         ok = g.done(rows)
         all_ok = all_ok and ok
         happened = ", ".join(f"{n} {label}" for label, n in sorted(states.items()))
-        echo(f"{g.name:<22} {len(rows):>3}  {g.expected:<26} {happened:<40} {'OK' if ok else 'WRONG'}")
+        echo(f"{g.name:<22} {len(rows):>3}  {g.expected:<30} {happened:<32} {'OK' if ok else 'WRONG'}")
     echo("")
     echo("every group ended as it should" if all_ok else "SOMETHING IS OFF: see the table above")
     return all_ok

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import orm
 
-from worker import audit, authn, crypto, decisions, errors, queries, ratelimit, wire
+from worker import audit, authn, crypto, decisions, errors, guard, queries, ratelimit, wire
 from worker.decisions import Action, Answer, Failure
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class Counts:
     revoked: int = 0
     failed: int = 0
     kept: int = 0
+    #: Revocations the mass-revocation guard held back (the sessions stay active).
+    held: int = 0
     stopped: bool = False
     reasons: Counter[str] = field(default_factory=Counter)
 
@@ -44,6 +46,7 @@ class Counts:
         self.revoked += other.revoked
         self.failed += other.failed
         self.kept += other.kept
+        self.held += other.held
         self.stopped = self.stopped or other.stopped
         self.reasons.update(other.reasons)
 
@@ -55,6 +58,7 @@ class Counts:
             "revoked": self.revoked,
             "failed": self.failed,
             "kept": self.kept,
+            "held": self.held,
             "stopped": self.stopped,
             "revoked_by_reason": dict(self.reasons),
         }
@@ -80,6 +84,7 @@ class _Work:
             has_refresh_token=self.refresh_token is not None,
             failures=s.failures,
             uncertain=s.uncertain,
+            verified_at=s.verified_at,
         )
 
 
@@ -99,6 +104,7 @@ class SyncEngine:
         lease: timedelta,
         refresh_lease: timedelta,
         bulk: bool,
+        guard_limits: guard.Limits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
@@ -112,12 +118,19 @@ class SyncEngine:
         self._lease = lease
         self._refresh_lease = refresh_lease
         self._bulk = bulk
+        self._guard_limits = guard_limits or guard.Limits()
         self._clock = clock
         self._rng = rng or random.SystemRandom()
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def process_batch(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
+    async def process_batch(
+        self,
+        *,
+        user_id: str | None = None,
+        session_ids: Sequence[int] | None = None,
+        confirm_revocations: bool = False,
+    ) -> Counts:
         """Claim one batch of due sessions and bring each in line with Pangea."""
         claim_token = secrets.token_hex(16)
         now = self._clock()
@@ -134,31 +147,52 @@ class SyncEngine:
         if not claimed:
             return Counts()
         try:
-            return await self._process(claimed)
+            return await self._process(claimed, confirm_revocations=confirm_revocations)
         except BaseException:
             # Whatever went wrong, give the rows back now instead of when the lease lapses.
             with self._sessions.begin() as db:
                 queries.release(db, claim_token=claim_token)
             raise
 
-    async def drain(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
+    async def drain(
+        self,
+        *,
+        user_id: str | None = None,
+        session_ids: Sequence[int] | None = None,
+        confirm_revocations: bool = False,
+    ) -> Counts:
         """Process batches until nothing is due (``sweep --once``, resync)."""
         total = Counts()
         while True:
-            counts = await self.process_batch(user_id=user_id, session_ids=session_ids)
+            counts = await self.process_batch(
+                user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations
+            )
             total.add(counts)
             if counts.checked == 0 or counts.stopped:
                 return total
 
-    async def resync(self, *, user_id: str | None = None, session_ids: Sequence[int] | None = None) -> Counts:
-        """Re-check sessions now, whatever their ``next_check_at`` (one, a user's, or all)."""
+    async def resync(
+        self,
+        *,
+        user_id: str | None = None,
+        session_ids: Sequence[int] | None = None,
+        confirm_revocations: bool = False,
+    ) -> Counts:
+        """Re-check sessions now, whatever their ``next_check_at`` (one, a user's, or all).
+
+        ``confirm_revocations`` is the operator's answer to a tripped mass-revocation guard: it
+        clears the guard and lets this resync revoke whatever Pangea says is gone.
+        """
         with self._sessions.begin() as db:
-            queries.make_due(db, now=self._clock(), user_id=user_id, session_ids=session_ids)
-        return await self.drain(user_id=user_id, session_ids=session_ids)
+            now = self._clock()
+            if confirm_revocations:
+                guard.clear(db, now=now)
+            queries.make_due(db, now=now, user_id=user_id, session_ids=session_ids)
+        return await self.drain(user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations)
 
     # --- one batch -----------------------------------------------------------------------------
 
-    async def _process(self, claimed: list[queries.ClaimedSession]) -> Counts:
+    async def _process(self, claimed: list[queries.ClaimedSession], *, confirm_revocations: bool) -> Counts:
         work = [self._open(s) for s in claimed]
         now = self._clock()
         to_refresh: list[_Work] = []
@@ -179,13 +213,23 @@ class SyncEngine:
             else:
                 outcome.add(w, decision, answers[w.session.id], checked=True)
         with self._sessions.begin() as db:
+            self._hold_if_mass_revocation(db, outcome, checked=len(to_check), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
 
         counts = outcome.counts
         counts.checked = len(work)
         if to_refresh:
-            counts.add(await self._refresh_all(to_refresh))
+            counts.add(await self._refresh_all(to_refresh, confirm_revocations=confirm_revocations))
         return counts
+
+    def _hold_if_mass_revocation(
+        self, db: orm.Session, outcome: _Outcome, *, checked: int, now: datetime, bypass: bool
+    ) -> None:
+        would_revoke = len(outcome.revocations)
+        if guard.hold_revocations(
+            db, checked=checked, would_revoke=would_revoke, limits=self._guard_limits, now=now, bypass=bypass
+        ):
+            outcome.hold(next_check_at=now + self._policy.check_interval)
 
     def _open(self, session: queries.ClaimedSession) -> _Work:
         refresh = self._cipher.decrypt(session.refresh_token_enc) if session.refresh_token_enc else None
@@ -236,7 +280,7 @@ class SyncEngine:
 
     # --- refresh ------------------------------------------------------------------------------
 
-    async def _refresh_all(self, work: list[_Work]) -> Counts:
+    async def _refresh_all(self, work: list[_Work], *, confirm_revocations: bool) -> Counts:
         now = self._clock()
         with self._sessions.begin() as db:
             taken = queries.begin_refresh(db, [w.session for w in work], now=now, lease=self._refresh_lease)
@@ -270,6 +314,7 @@ class SyncEngine:
             outcome.add(w, decision, answer, checked=answer.verdict is not None)
         with self._sessions.begin() as db:
             queries.store_refreshed(db, stored, now=now)
+            self._hold_if_mass_revocation(db, outcome, checked=len(work), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
         if stopped:
             raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
@@ -317,7 +362,7 @@ class _Outcome:
     def __init__(self, versions: dict[int, int] | None = None) -> None:
         self._versions = versions
         self.keep: list[dict[str, object]] = []
-        self.revoke: list[dict[str, object]] = []
+        self.revocations: list[tuple[_Work, decisions.Decision, Answer]] = []
         self.dropped: list[int] = []
         self.events: list[audit.Event] = []
         self.counts = Counts()
@@ -328,35 +373,64 @@ class _Outcome:
 
     def add(self, w: _Work, decision: decisions.Decision, answer: Answer, *, checked: bool) -> None:
         if decision.action is Action.REVOKE:
-            reason = decision.reason or "invalid_token"
-            self.revoke.append(self._guard(w) | {"reason": reason})
-            self.counts.revoked += 1
-            self.counts.reasons[reason] += 1
+            self.revocations.append((w, decision, answer))
+            return
+        self._keep(w, decision, checked=checked)
+        if decision.failures:
+            self.counts.failed += 1
         else:
-            self.keep.append(
-                self._guard(w)
-                | {
-                    "next_check_at": decision.next_check_at,
-                    "failures": decision.failures,
-                    "uncertain": decision.uncertain,
-                    "active_expires_at": decision.active_expires_at,
-                    "checked": checked,
-                }
-            )
-            if decision.drop_refresh_token:
-                self.dropped.append(w.session.id)
-            if decision.failures:
-                self.counts.failed += 1
-            else:
-                self.counts.kept += 1
+            self.counts.kept += 1
         self.events.append(audit.Event.of(w.session.id, decision, answer))
+
+    def _keep(self, w: _Work, decision: decisions.Decision, *, checked: bool) -> None:
+        self.keep.append(
+            self._guard(w)
+            | {
+                "next_check_at": decision.next_check_at,
+                "failures": decision.failures,
+                "uncertain": decision.uncertain,
+                "active_expires_at": decision.active_expires_at,
+                "checked": checked,
+            }
+        )
+        if decision.drop_refresh_token:
+            self.dropped.append(w.session.id)
+
+    def hold(self, *, next_check_at: datetime) -> None:
+        """The guard tripped: keep every session this batch would have revoked, and re-check it later."""
+        for w, decision, answer in self.revocations:
+            kept = decisions.Decision(
+                action=Action.KEEP,
+                next_check_at=next_check_at,
+                failures=w.session.failures,
+                uncertain=w.session.uncertain,
+            )
+            self._keep(w, kept, checked=answer.verdict is not None)
+            self.events.append(
+                audit.Event(
+                    session_id=w.session.id,
+                    action="held",
+                    outcome=answer.verdict.value if answer.verdict else str(answer.failure),
+                    reason=decision.reason,
+                    request_id=answer.request_id,
+                )
+            )
+        self.counts.held += len(self.revocations)
+        self.revocations = []
 
     def audit_refreshed(self, w: _Work, answer: Answer) -> None:
         self.events.append(audit.Event.refreshed(w.session.id, answer.request_id))
 
     def apply(self, db: orm.Session, now: datetime) -> None:
+        revoke = []
+        for w, decision, answer in self.revocations:
+            reason = decision.reason or "invalid_token"
+            revoke.append(self._guard(w) | {"reason": reason})
+            self.counts.revoked += 1
+            self.counts.reasons[reason] += 1
+            self.events.append(audit.Event.of(w.session.id, decision, answer))
         queries.record_checks(db, self.keep, now=now)
-        queries.revoke(db, self.revoke, now=now)
+        queries.revoke(db, revoke, now=now)
         queries.drop_refresh_tokens(db, self.dropped)
         audit.record(db, self.events, now=now)
 

@@ -33,7 +33,9 @@ PostgreSQL they are ``timestamptz``; on SQLite, text ``YYYY-MM-DD HH:MM:SS.fffff
 - ``state``: ``pending`` | ``delivered`` (``delivered_at`` set) | ``dead`` (``dead_at`` set: gave up
   after too many attempts or too long; visible to operators, replayable).
 - ``next_attempt_at``: when a pending event is due (``ix_logout_outbox_next_attempt_at``, partial
-  ``WHERE state = 'pending'``). ``last_error`` never contains a token.
+  ``WHERE state = 'pending'``). ``last_error`` never contains a token. ``retried_at``: when an
+  operator last put a dead letter back to pending (the age limit counts from it, else from
+  ``created_at``).
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ class LogoutEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
     delivered_at: Mapped[datetime | None]
     dead_at: Mapped[datetime | None]
+    #: When an operator last put this dead letter back to pending; the age limit counts from then.
+    retried_at: Mapped[datetime | None]
 
     __table_args__ = (
         sa.CheckConstraint(_in("kind", OutboxKind), name="kind"),
@@ -281,6 +285,23 @@ class SweepRun(Base):
     revoked: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
     failed: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
     stopped: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+
+
+class RevocationGuard(Base):
+    """The mass-revocation guard's state (table ``revocation_guard``, at most one row, ``id = 1``).
+
+    While ``tripped_at`` is set no sweep revokes anything: the sessions it would have revoked are
+    kept and re-checked, until an operator confirms (``session-sync resync --all --confirm-revocations``).
+    """
+
+    __tablename__ = "revocation_guard"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tripped_at: Mapped[datetime | None]
+    reason: Mapped[str | None] = mapped_column(sa.Text())
+    checked: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
+    would_revoke: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
+    cleared_at: Mapped[datetime | None]
 
 
 def session_is_active() -> sa.ColumnElement[bool]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import audit, engine, models, queries, sweeps
+from worker import audit, engine, guard, metrics, models, outbox_queries, queries, sweeps
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None
     with rt.sessions.begin() as db:
         if not sweeps.claim_slot(db, slot=slot, now=at):
             logger.info("Duplicate sweep skipped", extra={"action": "sweep_duplicate", "slot": slot.isoformat()})
+            metrics.record_sweep(duplicate=True)
             return {"slot": slot.isoformat(), "duplicate": True, "due": 0, "batches": 0}
         due = queries.count_due(db, now=at)
         batches = min(math.ceil(due / rt.settings.batch_size), rt.settings.max_batches_per_sweep)
@@ -43,6 +44,7 @@ def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None
     for _ in range(batches):
         send_batch(slot.isoformat())
     logger.info("Sweep fanned out", extra={"action": "sweep", "slot": slot.isoformat(), "due": due, "batches": batches})
+    metrics.record_sweep(duplicate=False)
     return {"slot": slot.isoformat(), "duplicate": False, "due": due, "batches": batches}
 
 
@@ -60,6 +62,7 @@ def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
     if slot is not None and (counts["checked"] or counts["stopped"]):
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=now())
+    metrics.record_counts(counts)
     return counts
 
 
@@ -77,13 +80,22 @@ def sweep_once(rt: Runtime) -> dict[str, object]:
     if claimed:
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=slot, counts=counts, now=now())
+    metrics.record_counts(counts)
     return counts
 
 
-def resync(rt: Runtime, *, session_id: int | None = None, user_id: str | None = None) -> dict[str, object]:
-    """Re-check one session, one user's sessions, or all (no arguments), ignoring ``next_check_at``."""
+def resync(
+    rt: Runtime, *, session_id: int | None = None, user_id: str | None = None, confirm_revocations: bool = False
+) -> dict[str, object]:
+    """Re-check one session, one user's sessions, or all (no arguments), ignoring ``next_check_at``.
+
+    ``confirm_revocations`` clears a tripped mass-revocation guard and lets this resync revoke.
+    """
     ids: Sequence[int] | None = [session_id] if session_id is not None else None
-    return rt.run(rt.engine.resync(user_id=user_id, session_ids=ids)).as_dict()
+    counts = rt.engine.resync(user_id=user_id, session_ids=ids, confirm_revocations=confirm_revocations)
+    done = rt.run(counts).as_dict()
+    metrics.record_counts(done)
+    return done
 
 
 def housekeeping(rt: Runtime) -> dict[str, int]:
@@ -116,7 +128,9 @@ def status(rt: Runtime) -> dict[str, Any]:
             "uncertain": int(uncertain),
             "failing": int(failing),
             "outbox": outbox,
+            "outbox_backlog": outbox_queries.backlog(db, now=at),
             "last_sweep": sweeps.last_sweep(db),
+            "revocation_guard": guard.state(db),
         }
 
 
@@ -147,3 +161,10 @@ def session_report(rt: Runtime, session_id: int) -> dict[str, Any] | None:
                 for e in audit.history(db, session_id)
             ],
         }
+
+
+def deliver_logouts(rt: Runtime) -> dict[str, object]:
+    """Deliver due logouts to Pangea, batch after batch, until none is due (or the run's budget is spent)."""
+    counts = rt.run(rt.delivery.drain()).as_dict()
+    metrics.record_logouts(counts)
+    return counts

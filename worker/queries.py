@@ -39,6 +39,7 @@ class ClaimedSession:
     uncertain: bool
     version: int
     claim_token: str
+    verified_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedSession:
@@ -59,6 +60,7 @@ CLAIM_COLUMNS = (
     S.uncertain,
     S.version,
     S.claim_token,
+    sa.func.coalesce(S.last_checked_at, S.created_at).label("verified_at"),
 )
 
 
@@ -78,9 +80,9 @@ def claim_due_sessions(
 ) -> list[ClaimedSession]:
     """Lease up to ``limit`` due active sessions to ``claim_token``, oldest due first.
 
-    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in the sub-select, so concurrent claimers take disjoint
-    rows without waiting. SQLite drops ``FOR UPDATE``; there the conditional UPDATE itself is the
-    claim, atomic because SQLite runs one writer at a time.
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a CTE, so concurrent claimers take disjoint rows
+    without waiting (see :func:`worker.db.picked` for why a CTE). SQLite drops ``FOR UPDATE``;
+    there the conditional UPDATE itself is the claim, atomic because SQLite runs one writer at a time.
     """
     due = sa.and_(models.session_is_active(), S.next_check_at <= now, _unclaimed(now))
     if user_id is not None:
@@ -88,11 +90,9 @@ def claim_due_sessions(
     if session_ids is not None:
         due = sa.and_(due, S.id.in_(session_ids))
     pick = sa.select(S.id).where(due).order_by(S.next_check_at).limit(limit)
-    if db.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
     stmt = (
         sa.update(S)
-        .where(S.id.in_(pick.scalar_subquery()), due)
+        .where(dbmod.picked(db, S.id, pick), due)
         .values(claimed_until=now + lease, claim_token=claim_token)
         .returning(*CLAIM_COLUMNS)
         .execution_options(synchronize_session=False)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from worker import authn, crypto, decisions, engine, ratelimit
+from worker import authn, crypto, decisions, engine, guard, outbox, ratelimit
 from worker import db as dbmod
 from worker.settings import Settings
 
@@ -85,6 +85,27 @@ class Runtime:
             lease=s.lease,
             refresh_lease=s.refresh_lease,
             bulk=s.bulk_revalidation,
+            guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
+        )
+
+    @cached_property
+    def delivery_client(self) -> authn.AuthnClient:
+        """The AuthN client of logout delivery: it never sleeps on Retry-After, the outbox schedules it."""
+        return authn.AuthnClient.from_settings(self.settings, max_retry_after=0.0)
+
+    @cached_property
+    def delivery(self) -> outbox.Delivery:
+        """Logout delivery on this process's resources (the shared rate limit, its own AuthN client)."""
+        s = self.settings
+        return outbox.Delivery(
+            sessions=self.sessions,
+            client=self.delivery_client,
+            cipher=self.cipher,
+            limiter=self.limiter,
+            policy=outbox.policy_from_settings(s),
+            batch_size=s.outbox_batch_size,
+            concurrency=s.concurrency,
+            lease=s.lease,
         )
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -95,6 +116,8 @@ class Runtime:
         """Close what was opened: the HTTP pool, Redis, the event loop, the DB pool."""
         if "client" in self.__dict__:
             self.run(self.client.aclose())
+        if "delivery_client" in self.__dict__:
+            self.run(self.delivery_client.aclose())
         limiter = self.__dict__.get("limiter")
         if isinstance(limiter, ratelimit.RedisRateLimiter):
             self.run(limiter.aclose())

@@ -64,7 +64,23 @@ class Settings(BaseSettings):
     http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
     revalidation: Literal["auto", "bulk", "per_token"] = Field("auto", alias="SESSION_SYNC_REVALIDATION")
     max_batches_per_sweep: int = Field(200, ge=1, alias="SESSION_SYNC_MAX_BATCHES_PER_SWEEP")
+    guard_share: float = Field(0.2, gt=0, le=1, alias="SESSION_SYNC_GUARD_SHARE")
+    guard_minimum: int = Field(50, ge=1, alias="SESSION_SYNC_GUARD_MIN")
+    max_unverified: Duration = Field(timedelta(hours=1), alias="SESSION_SYNC_MAX_UNVERIFIED")
+    stale_policy: Literal["keep", "revoke"] = Field("keep", alias="SESSION_SYNC_STALE_POLICY")
     audit_retention: Duration = Field(timedelta(days=30), alias="SESSION_SYNC_AUDIT_RETENTION")
+    # Observability (worker.metrics, worker.logs): the worker's /metrics port (0: off) and the log format.
+    metrics_port: int = Field(9808, ge=0, le=65535, alias="SESSION_SYNC_METRICS_PORT")
+    metrics_host: str = Field("0.0.0.0", alias="SESSION_SYNC_METRICS_HOST")
+    log_format: Literal["text", "json"] = Field("text", alias="SESSION_SYNC_LOG_FORMAT")
+    # The logout outbox (worker.outbox): delivery period, backoff, dead letters.
+    outbox_period: Duration = Field(timedelta(seconds=10), alias="SESSION_SYNC_OUTBOX_PERIOD")
+    outbox_batch_size: int = Field(100, ge=1, le=10_000, alias="SESSION_SYNC_OUTBOX_BATCH_SIZE")
+    outbox_backoff: Duration = Field(timedelta(seconds=2), alias="SESSION_SYNC_OUTBOX_BACKOFF")
+    outbox_backoff_cap: Duration = Field(timedelta(minutes=10), alias="SESSION_SYNC_OUTBOX_BACKOFF_CAP")
+    outbox_max_attempts: int = Field(25, ge=1, le=10_000, alias="SESSION_SYNC_OUTBOX_MAX_ATTEMPTS")
+    outbox_max_age: Duration = Field(timedelta(days=1), alias="SESSION_SYNC_OUTBOX_MAX_AGE")
+    outbox_kick: bool = Field(True, alias="SESSION_SYNC_OUTBOX_KICK")
 
     @classmethod
     def settings_customise_sources(

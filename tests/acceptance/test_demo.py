@@ -24,7 +24,7 @@ def test_demo_runs_on_embedded_defaults_and_reports_every_group(tmp_path: Path) 
     # Then it succeeds with a table of every group against what should have happened
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    for line in ("healthy", "killed at Pangea", "about to expire", "expired, worker down"):
+    for line in ("healthy", "killed at Pangea", "about to expire", "expired, worker down", "logged out, Pangea 5xx"):
         [row] = [r for r in out.splitlines() if r.startswith(line) and r.rstrip().endswith(("OK", "WRONG"))]
         assert row.rstrip().endswith("OK"), row
     assert "every group ended as it should" in out

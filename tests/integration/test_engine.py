@@ -48,6 +48,7 @@ def test_resync_revokes_the_dead_refreshes_the_expiring_and_leaves_the_healthy(
         "revoked": 3,
         "failed": 0,
         "kept": 3,
+        "held": 0,
         "stopped": False,
         "revoked_by_reason": None,
     }
@@ -146,6 +147,13 @@ def test_two_claimers_never_take_the_same_row(make_runtime: Any, emu: RunningEmu
                 for i in range(400)
             ],
         )
+    # When one claim asks for 25, it gets 25 (PostgreSQL must not re-run the locking pick per row)
+    with rt.sessions.begin() as db:
+        one = queries.claim_due_sessions(
+            db, now=datetime.now(UTC), limit=25, lease=timedelta(minutes=5), claim_token="one"
+        )
+        assert len(one) == 25
+        assert queries.release(db, claim_token="one") == 25
     # When four threads claim batches of 30 as fast as they can
     taken: list[list[int]] = [[] for _ in range(4)]
     barrier = threading.Barrier(4)

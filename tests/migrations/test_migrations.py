@@ -31,6 +31,7 @@ EXPECTED_INDEXES = {
         ("ix_session_events_session_id_at", ("session_id", "at"), False),
     },
     "sweep_runs": set(),
+    "revocation_guard": set(),
 }
 EXPECTED_CHECKS = {
     "sessions": {"ck_sessions_state", "ck_sessions_ended"},
@@ -42,6 +43,7 @@ EXPECTED_CHECKS = {
     },
     "session_events": set(),
     "sweep_runs": set(),
+    "revocation_guard": set(),
 }
 #: The partial indexes and their predicates (as each dialect reflects them).
 PARTIAL_INDEXES = {
@@ -90,7 +92,14 @@ def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
 
     # Then it ends at head with every table
     assert db.current_revision(empty_url) == db.head_revision()
-    assert table_names(empty_url) == {"alembic_version", "sessions", "logout_outbox", "session_events", "sweep_runs"}
+    assert table_names(empty_url) == {
+        "alembic_version",
+        "sessions",
+        "logout_outbox",
+        "session_events",
+        "sweep_runs",
+        "revocation_guard",
+    }
 
 
 def test_each_revision_downgrades_and_upgrades_again(empty_url: str) -> None:

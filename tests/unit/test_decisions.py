@@ -166,3 +166,21 @@ def test_our_own_token_rejected_stops_and_changes_nothing(session: d.SessionFact
     for decide in (d.after_check, d.after_refresh):
         decision = decide(session, answer, NOW, policy, random.Random(seed))
         assert decision.action is d.Action.STOP and decision.failures == session.failures
+
+
+@given(session_facts, failures, st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3)), st.integers())
+def test_staleness_revokes_only_when_fail_closed_and_past_the_limit(
+    session: d.SessionFacts, answer: d.Answer, unverified_for: timedelta, seed: int
+) -> None:
+    from dataclasses import replace
+
+    limit = timedelta(hours=1)
+    stale = replace(session, verified_at=NOW - unverified_for)
+    for fail_closed in (False, True):
+        policy = d.Policy(max_unverified=limit, fail_closed=fail_closed)
+        for decide in (d.after_check, d.after_refresh):
+            decision = decide(stale, answer, NOW, policy, random.Random(seed))
+            if fail_closed and unverified_for > limit:
+                assert (decision.action, decision.reason) == (d.Action.REVOKE, "unverifiable")
+            else:
+                assert decision.action is d.Action.KEEP

@@ -1,0 +1,97 @@
+"""The mass-revocation guard and the staleness policy, against the emulator on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import RunningEmulator, _serve_in_thread, free_port
+from tests.helpers import login, row
+from worker import emulator, guard, models, operations
+
+
+@pytest.fixture
+def other_project() -> Iterator[str]:
+    """A second Pangea project that accepts the same service token but knows none of our sessions."""
+    app = emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN)
+    server, thread = _serve_in_thread(app, free_port())
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
+def test_wrong_project_trips_the_guard_and_revokes_nothing(
+    make_runtime: Any, emu: RunningEmulator, other_project: str, revalidation: str
+) -> None:
+    limits = {"SESSION_SYNC_REVALIDATION": revalidation, "SESSION_SYNC_GUARD_MIN": "20"}
+    rt = make_runtime(**limits)
+    ids = [login(rt, emu, f"u{i}@example.com") for i in range(30)]
+    # Given a worker pointed at the wrong project, where every session answers InvalidToken
+    wrong = make_runtime(PANGEA_BASE_URL=other_project, **limits)
+
+    # When it sweeps
+    counts = wrong.run(wrong.engine.resync())
+
+    # Then it revokes nothing: the guard holds all 30, records why, and says so in status
+    assert (counts.revoked, counts.held) == (0, 30)
+    assert all(row(rt, i).state is models.SessionState.ACTIVE for i in ids)
+    report = operations.status(rt)
+    assert report["revocation_guard"]["tripped"] is True
+    assert "30 of 30" in report["revocation_guard"]["reason"]
+    with rt.sessions() as db:
+        held = db.scalars(sa.select(models.SessionEvent.action).where(models.SessionEvent.session_id == ids[0])).all()
+    assert held == ["held"]
+
+    # When the right project later finds one session really dead, the tripped guard still holds it
+    rt.run(rt.client.session_invalidate(row(rt, ids[0]).pangea_session_id or ""))
+    assert rt.run(rt.engine.resync(session_ids=[ids[0]])).held == 1
+    assert row(rt, ids[0]).state is models.SessionState.ACTIVE
+
+    # Then the operator confirms: the guard clears and the dead session is revoked, the rest kept
+    counts = rt.run(rt.engine.resync(confirm_revocations=True))
+    assert (counts.revoked, counts.held, counts.kept) == (1, 0, 29)
+    assert row(rt, ids[0]).end_reason == "invalid_token"
+    assert operations.status(rt)["revocation_guard"] == {"tripped": False}
+
+
+def test_a_few_revocations_pass_the_guard(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime(SESSION_SYNC_GUARD_MIN="3", SESSION_SYNC_GUARD_SHARE="0.5")
+    ids = [login(rt, emu, f"u{i}@example.com") for i in range(8)]
+    for sid in ids[:3]:  # 3 of 8: at the minimum count, under half
+        rt.run(rt.client.session_invalidate(row(rt, sid).pangea_session_id or ""))
+    counts = rt.run(rt.engine.resync())
+    assert (counts.revoked, counts.held) == (3, 0)
+
+
+def test_guard_limits() -> None:
+    limits = guard.Limits()
+    assert not limits.exceeded(checked=49, would_revoke=49)  # all, but under the minimum count
+    assert not limits.exceeded(checked=500, would_revoke=100)  # exactly a fifth
+    assert limits.exceeded(checked=500, would_revoke=101)
+    assert limits.exceeded(checked=50, would_revoke=50)
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "reason"), [("keep", "active", None), ("revoke", "revoked", "unverifiable")]
+)
+def test_staleness_policy(make_runtime: Any, emu: RunningEmulator, policy: str, state: str, reason: str | None) -> None:
+    rt = make_runtime(SESSION_SYNC_STALE_POLICY=policy, SESSION_SYNC_MAX_UNVERIFIED="1h")
+    fresh, stale = login(rt, emu, "fresh@example.com"), login(rt, emu, "stale@example.com")
+    # Given one session Pangea last vouched for two hours ago
+    with rt.sessions.begin() as db:
+        db.execute(
+            sa.update(models.LocalSession)
+            .where(models.LocalSession.id == stale)
+            .values(last_checked_at=datetime.now(UTC) - timedelta(hours=2))
+        )
+    # When Pangea is down during a sweep
+    emu.admin.faults(error_rate=1.0, error="InternalError")
+    rt.run(rt.engine.resync())
+    # Then the fresh one is kept either way, and the stale one as the policy says
+    assert row(rt, fresh).state is models.SessionState.ACTIVE
+    assert (str(row(rt, stale).state), row(rt, stale).end_reason) == (state, reason)

@@ -1,0 +1,93 @@
+"""The mass-revocation guard: one wrong setting must not log every user out.
+
+A wrong ``PANGEA_DOMAIN`` or another project's token makes Pangea answer ``InvalidToken`` for every
+session, and a Pangea incident can do the same. If one batch would revoke more than a set share of
+the sessions it checked (and at least a minimum count), the guard trips: those revocations and all
+later ones are held (the sessions stay active and are re-checked) until an operator confirms with
+``session-sync resync --all --confirm-revocations``. The state is one row in ``revocation_guard``,
+shared by every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects import postgresql, sqlite
+
+from worker import models
+
+logger = logging.getLogger(__name__)
+
+G = models.RevocationGuard
+_ROW = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """When the guard trips: more than ``share`` of a batch's checked sessions, and at least ``minimum``."""
+
+    share: float = 0.2
+    minimum: int = 50
+
+    def exceeded(self, *, checked: int, would_revoke: int) -> bool:
+        """True when ``would_revoke`` out of ``checked`` is a mass revocation."""
+        return would_revoke >= self.minimum and would_revoke > self.share * max(checked, 1)
+
+
+def hold_revocations(
+    db: orm.Session, *, checked: int, would_revoke: int, limits: Limits, now: datetime, bypass: bool = False
+) -> bool:
+    """True when this batch's revocations must be held (the guard is tripped, or trips now)."""
+    if bypass or would_revoke == 0:
+        return False
+    state = db.get(G, _ROW)
+    if state is not None and state.tripped_at is not None:
+        return True
+    if not limits.exceeded(checked=checked, would_revoke=would_revoke):
+        return False
+    reason = (
+        f"{would_revoke} of {checked} sessions checked in one batch would be revoked "
+        f"(limit: {limits.share:.0%} and at least {limits.minimum}); check PANGEA_DOMAIN, "
+        "PANGEA_AUTHN_TOKEN and Pangea's status, then run: session-sync resync --all --confirm-revocations"
+    )
+    insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    values = {"tripped_at": now, "reason": reason, "checked": checked, "would_revoke": would_revoke}
+    stmt = insert(G).values(id=_ROW, **values)
+    db.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+    logger.error("Mass revocation held: %s", reason, extra={"action": "revocation_guard_tripped"})
+    return True
+
+
+def clear(db: orm.Session, *, now: datetime) -> bool:
+    """An operator confirmed: let revocations through again. True if the guard was tripped."""
+    state = db.get(G, _ROW)
+    if state is None or state.tripped_at is None:
+        return False
+    state.tripped_at = None
+    state.cleared_at = now
+    logger.warning("Revocation guard cleared by an operator", extra={"action": "revocation_guard_cleared"})
+    return True
+
+
+def state(db: orm.Session) -> dict[str, Any]:
+    """The guard for status: tripped or not, since when, and why."""
+    row = db.get(G, _ROW)
+    if row is None or row.tripped_at is None:
+        return {"tripped": False}
+    return {
+        "tripped": True,
+        "tripped_at": row.tripped_at.isoformat(),
+        "reason": row.reason,
+        "checked": row.checked,
+        "would_revoke": row.would_revoke,
+    }
+
+
+def is_tripped(db: orm.Session) -> bool:
+    """True while revocations are held."""
+    return bool(db.execute(sa.select(G.tripped_at).where(G.id == _ROW)).scalar())
