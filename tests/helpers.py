@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tests.conftest import RunningEmulator
-from worker import crypto, models, runtime, sessions, wire
+from worker import crypto, models, runtime, sessions
 from worker.settings import Settings
 
 KEY = crypto.generate_key()
@@ -31,30 +29,8 @@ def login(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -
     """A user logs in through the hosted page; the app records the session. Returns its local id."""
     code = emu.admin.login(email, **ttl)
     creds = rt.run(rt.client.userinfo(code))
-    envelope = {
-        "status": "Success",
-        "request_id": creds.request_id,
-        "result": {
-            "active_token": _token_json(creds.active_token),
-            "refresh_token": _token_json(creds.refresh_token),
-        },
-    }
     with rt.sessions.begin() as db:
-        return sessions.record_login(db, envelope, cipher=rt.cipher, policy=rt.policy).id
-
-
-def _token_json(t: wire.TokenInfo) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "token": t.token,
-        "type": t.type,
-        "life": t.life,
-        "expire": t.expire.isoformat(),
-        "identity": t.identity,
-        "email": t.email,
-        "profile": dict(t.profile),
-        "created_at": t.created_at.isoformat(),
-    }
+        return sessions.record_login(db, creds.to_userinfo(), cipher=rt.cipher, policy=rt.policy).id
 
 
 def row(rt: runtime.Runtime, session_id: int) -> models.LocalSession:

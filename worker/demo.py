@@ -216,27 +216,7 @@ def _login(rt: runtime.Runtime, admin: emulator.EmulatorAdmin, email: str, **ttl
     code = admin.login(email, **ttl)
     creds = rt.run(rt.client.userinfo(code))
     with rt.sessions.begin() as db:
-        return sessions.record_login(db, _envelope(creds), cipher=rt.cipher, policy=rt.policy).id
-
-
-def _envelope(creds: Any) -> dict[str, Any]:
-    def token(t: Any) -> dict[str, Any]:
-        return {
-            "id": t.id,
-            "token": t.token,
-            "type": t.type,
-            "life": t.life,
-            "expire": t.expire.isoformat(),
-            "identity": t.identity,
-            "email": t.email,
-            "profile": dict(t.profile),
-            "created_at": t.created_at.isoformat(),
-        }
-
-    return {
-        "status": "Success",
-        "result": {"active_token": token(creds.active_token), "refresh_token": token(creds.refresh_token)},
-    }
+        return sessions.record_login(db, creds.to_userinfo(), cipher=rt.cipher, policy=rt.policy).id
 
 
 def _rows(rt: runtime.Runtime, ids: list[int]) -> list[models.LocalSession]:

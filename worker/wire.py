@@ -81,6 +81,23 @@ class TokenInfo:
             token=token if isinstance(token, str) else None,
         )
 
+    def to_wire(self) -> dict[str, Any]:
+        """The token object as Pangea sends it (the inverse of :meth:`from_wire`)."""
+        data: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "life": self.life,
+            "expire": self.expire.isoformat(),
+            "identity": self.identity,
+            "email": self.email,
+            "profile": dict(self.profile),
+            "created_at": self.created_at.isoformat(),
+            "scopes": list(self.scopes),
+        }
+        if self.token is not None:
+            data["token"] = self.token
+        return data
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionCreds:
@@ -99,6 +116,14 @@ class SessionCreds:
         if active.token is None or refresh.token is None:
             raise errors.AuthnProtocolError("result tokens carry no secret")
         return cls(active_token=active, refresh_token=refresh, request_id=request_id)
+
+    def to_userinfo(self) -> dict[str, Any]:
+        """The ``/v2/client/userinfo`` envelope these credentials came in (what ``record_login`` takes)."""
+        return {
+            "status": "Success",
+            "request_id": self.request_id,
+            "result": {"active_token": self.active_token.to_wire(), "refresh_token": self.refresh_token.to_wire()},
+        }
 
     @property
     def session_id(self) -> str:

@@ -61,20 +61,6 @@ def worker_env(pg_url: str, redis_url: str, emu: RunningEmulator, **extra: str) 
     } | extra
 
 
-def _token_json(t: wire.TokenInfo) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "token": t.token,
-        "type": t.type,
-        "life": t.life,
-        "expire": t.expire.isoformat(),
-        "identity": t.identity,
-        "email": t.email,
-        "profile": dict(t.profile),
-        "created_at": t.created_at.isoformat(),
-    }
-
-
 async def _logins(rt: runtime.Runtime, emu: RunningEmulator, emails: list[str]) -> list[dict[str, Any]]:
     """Each email logs in through the hosted page (admin code → userinfo), 50 at a time."""
     gate = asyncio.Semaphore(50)
@@ -84,10 +70,7 @@ async def _logins(rt: runtime.Runtime, emu: RunningEmulator, emails: list[str]) 
             async with gate:
                 answer = await admin.post("/emulator/login", json={"email": email})
                 creds = await rt.client.userinfo(answer.json()["code"])
-                return {
-                    "active_token": _token_json(creds.active_token),
-                    "refresh_token": _token_json(creds.refresh_token),
-                }
+                return creds.to_userinfo()
 
         return await asyncio.gather(*(one(e) for e in emails))
 

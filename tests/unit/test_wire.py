@@ -116,3 +116,11 @@ def test_any_result_is_a_session_page_or_a_protocol_error(item: dict[str, object
             wire.SessionPage.from_wire(result, request_id="prq_x")
         except errors.AuthnProtocolError:
             pass
+
+
+def test_creds_round_trip_through_the_userinfo_envelope() -> None:
+    refresh = TOKEN | {"id": "pmt_" + "r" * 32, "type": "session", "token": "ptr_" + "e" * 32}
+    creds = wire.SessionCreds.from_wire({"active_token": TOKEN, "refresh_token": refresh}, request_id="prq_x")
+    envelope = creds.to_userinfo()
+    assert envelope["status"] == "Success"
+    assert wire.SessionCreds.from_wire(envelope["result"], request_id="prq_x") == creds
