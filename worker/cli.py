@@ -5,37 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from worker import cli_outbox, errors, logs, operations, runtime
-from worker.settings import Settings
+from worker import cli_outbox, cli_support, logs, operations
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _settings() -> Settings:
-    return Settings.from_env()
-
-
-def clear_errors(func: F) -> F:
-    """Turn our expected errors into one line on stderr and a non-zero exit, never a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except errors.ConfigError as exc:
-            click.echo(f"session-sync: configuration error: {exc}", err=True)
-            sys.exit(2)
-        except errors.SessionSyncError as exc:
-            click.echo(f"session-sync: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
+clear_errors = cli_support.clear_errors
+_settings = cli_support.settings
+_runtime = cli_support.make_runtime
 
 
 @click.group()
@@ -75,10 +53,6 @@ def emulator(host: str, port: int) -> None:
     client = os.environ.get("EMULATOR_CLIENT_TOKEN") or emu.DEFAULT_CLIENT_TOKEN
     click.echo(f"AuthN emulator on http://{host}:{port} (PANGEA_BASE_URL=http://{host}:{port})", err=True)
     emu.serve(host=host, port=port, service_token=service, client_token=client)
-
-
-def _runtime() -> runtime.Runtime:
-    return runtime.Runtime(_settings())
 
 
 def _print_json(data: object) -> None:

@@ -8,42 +8,19 @@ Nothing printed here ever holds a token.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import pydantic
 
-from worker import errors, models, operations, runtime, sessions, settings
+from worker import cli_support, models, operations, sessions, settings
 from worker import outbox_queries as oq
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 _DURATION = pydantic.TypeAdapter(settings.Duration)
-
-
-def _clear_errors(func: F) -> F:
-    """Our expected errors as one line on stderr and a non-zero exit, never a traceback (as in ``worker.cli``)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except errors.ConfigError as exc:
-            click.echo(f"session-sync: configuration error: {exc}", err=True)
-            sys.exit(2)
-        except errors.SessionSyncError as exc:
-            click.echo(f"session-sync: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _runtime() -> runtime.Runtime:
-    return runtime.Runtime(settings.Settings.from_env())
+_clear_errors = cli_support.clear_errors
+_runtime = cli_support.make_runtime
 
 
 def _parse_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
