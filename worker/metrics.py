@@ -13,15 +13,16 @@ Two kinds, read two ways:
 **Why multiprocess mode.** Celery's prefork pool runs tasks in child processes, so counters live
 in the children while ``/metrics`` is served by the main process, and children come and go
 (``--max-tasks-per-child``, a crash, a restart of the pool). We use prometheus_client's
-multiprocess mode, the library's own answer to exactly this (gunicorn's), rather than pushing
+multiprocess mode, its documented answer for pre-forking servers like gunicorn, rather than pushing
 increments to Redis (a network hop per increment, and counters that outlive the workers) or a
 pushgateway (meant for batch jobs). Its rules, and where each is kept:
 
 1. ``PROMETHEUS_MULTIPROC_DIR`` must be chosen before the first metric value is made, and the
    directory must start empty. :func:`enable_multiprocess` runs on ``worker_init`` in the main
    worker process, before the pool forks: it uses the operator's directory (wiped) or a fresh
-   private one, and switches prometheus_client's value class, because that class was fixed when
-   the library was first imported. Every instrument here is created lazily, after that switch.
+   private one (removed at shutdown; one left by a killed worker is removed by the next), and
+   switches prometheus_client's value class, because that class was fixed when the library was
+   first imported. Every instrument here is created lazily, after that switch.
 2. Each process writes its values to its own memory-mapped files (``counter_<pid>.db``); the main
    process sums them at scrape time with ``MultiProcessCollector``. A dead child's counts stay
    counted, as counters must.
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 #: The environment variable prometheus_client reads for multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Prefix of a worker's private multiprocess directory in the temp folder (then its pid).
+_PRIVATE_PREFIX = "session-sync-metrics-"
 #: Buckets of Pangea request latency, in seconds (a refresh may wait up to three HTTP timeouts).
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -283,14 +286,20 @@ def status_gauges(report: Mapping[str, Any]) -> Iterator[Metric]:
 # --- serving ----------------------------------------------------------------------------------------
 
 
-def enable_multiprocess() -> Path:
+def enable_multiprocess() -> Path | None:
     """Switch this process, and the pool children it will fork, to multiprocess metrics (see the top).
 
-    Call in the worker's main process before the pool starts and before any metric is recorded.
+    Call in the worker's main process before the pool starts. Returns the directory, or None when
+    metrics were already recorded in this process (a worker embedded in a test): then they stay
+    in-process, which is right for the solo and threads pools only.
     """
     global _multiprocess
     if _instruments_ is not None:
-        raise RuntimeError("metrics were already recorded in this process; enable multiprocess mode first")
+        logger.warning(
+            "Metrics already recorded in this process: pool children's counts will not be served",
+            extra={"action": "metrics_unavailable"},
+        )
+        return None
     configured = os.environ.get(MULTIPROC_ENV)
     if configured:
         path, owned = Path(configured), False
@@ -298,7 +307,8 @@ def enable_multiprocess() -> Path:
         for stale in path.glob("*.db"):  # a previous run's counts would be added to ours
             stale.unlink()
     else:
-        path, owned = Path(tempfile.mkdtemp(prefix="session-sync-metrics-")), True
+        _remove_orphans()
+        path, owned = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-")), True
         os.environ[MULTIPROC_ENV] = str(path)
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     _multiprocess = _Multiprocess(path, owned)
@@ -309,6 +319,24 @@ def process_registry() -> CollectorRegistry:
     """This process's own counters and histogram (what the CLI, or a test, recorded here)."""
     _instruments()
     return _registry
+
+
+def _remove_orphans() -> None:
+    """Remove private directories left by workers that were killed (SIGKILL skips ``shutdown``)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_PRIVATE_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def serving_registry(settings: Settings) -> CollectorRegistry:

@@ -1,13 +1,20 @@
-"""Metrics in one process, on SQLite and PostgreSQL, against the emulator as a server.
+"""Metrics on SQLite and PostgreSQL, against the emulator as a server.
 
 The gauges come from the database at scrape time; the counters move where batches finish; every
-HTTP call to Pangea is timed by endpoint and status, failures included. The real-worker story
-(prefork children counting, the main process serving) is in ``tests/acceptance/test_metrics_endpoint.py``.
+HTTP call to Pangea is timed by endpoint and status, failures included; multiprocess mode sums a
+forked child's counts and cleans its directories. The real-worker story (prefork children counting,
+the main process serving) is in ``tests/acceptance/test_metrics_endpoint.py``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
@@ -115,3 +122,48 @@ def test_an_unreachable_database_reads_as_down_not_as_an_error(emu: RunningEmula
     assert value(samples, "session_sync_database_up") == 0
     assert "session_sync_checks_total" in body
     assert "session_sync_sessions{" not in body
+
+
+MULTIPROCESS_SCRIPT = """
+import json, os, sys
+from worker import metrics
+from worker.settings import Settings
+path = metrics.enable_multiprocess()
+pid = os.fork()
+if pid == 0:  # a pool child: counts into its own file, then exits
+    metrics.record_counts({"checked": 2, "kept": 1, "revoked": 1, "revoked_by_reason": {"invalid_token": 1}})
+    metrics.process_exited()
+    os._exit(0)
+os.waitpid(pid, 0)
+import prometheus_client
+body = prometheus_client.generate_latest(metrics.serving_registry(Settings.from_env(json.loads(sys.argv[1])))).decode()
+files = sorted(p.name for p in path.glob("*.db"))
+metrics.shutdown()
+print(json.dumps({"path": str(path), "body": body, "files": files, "removed": not path.exists()}))
+"""
+
+
+def test_multiprocess_mode_sums_children_and_cleans_up_after_itself(tmp_path: Path, emu: RunningEmulator) -> None:
+    # Given a private metrics directory left behind by a worker that was killed (its pid is gone)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = Path(tempfile.gettempdir()) / f"session-sync-metrics-{dead.stdout.strip()}-left"
+    orphan.mkdir()
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'none.db'}", "PANGEA_BASE_URL": emu.base_url}
+
+    # When a new worker process enables multiprocess mode, a forked child counts, and the parent serves
+    run = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT, json.dumps(env)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+    )
+
+    # Then the parent's /metrics holds the child's counts, read from the child's own file
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert 'session_sync_checks_total{outcome="revoked"} 1.0' in out["body"]
+    assert 'session_sync_revocations_total{reason="invalid_token"} 1.0' in out["body"]
+    assert any(name.startswith("counter_") for name in out["files"])
+    # ... its own directory is gone at shutdown, and so is the killed worker's
+    assert out["removed"] and not orphan.exists()
