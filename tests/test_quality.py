@@ -1,4 +1,4 @@
-"""The code stays clean: ruff (lint and format) and mypy --strict on the package."""
+"""The code stays clean: ruff (lint and format) and mypy --strict on the package and the benchmarks."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        [str(BIN / "ruff"), "check", "worker", "tests", "migrations"],
-        [str(BIN / "ruff"), "format", "--check", "worker", "tests", "migrations"],
-        [str(BIN / "mypy"), "worker"],
+        [str(BIN / "ruff"), "check", "worker", "tests", "migrations", "benchmarks"],
+        [str(BIN / "ruff"), "format", "--check", "worker", "tests", "migrations", "benchmarks"],
+        [str(BIN / "mypy"), "worker", "benchmarks"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
 )

@@ -52,6 +52,16 @@ def record(db: orm.Session, events: Sequence[Event], *, now: datetime) -> None:
     """Insert the events of a batch: one statement."""
     if not events:
         return
+    if db.get_bind().dialect.name == "postgresql":
+        columns = {
+            "session_id": [e.session_id for e in events],
+            "action": [e.action for e in events],
+            "outcome": [e.outcome for e in events],
+            "reason": [e.reason for e in events],
+            "request_id": [e.request_id for e in events],
+        }
+        db.execute(_RECORD_PG, columns | {"at": now})
+        return
     rows = [
         {
             "session_id": e.session_id,
@@ -64,6 +74,19 @@ def record(db: orm.Session, events: Sequence[Event], *, now: datetime) -> None:
         for e in events
     ]
     db.execute(sa.insert(models.SessionEvent), rows)
+
+
+#: PostgreSQL: :func:`record` as one INSERT over arrays (``unnest``), however many events.
+_RECORD_PG = sa.text(
+    """
+    INSERT INTO session_events (session_id, at, action, outcome, reason, request_id)
+    SELECT v.session_id, :at, v.action, v.outcome, v.reason, v.request_id
+    FROM unnest(
+        CAST(:session_id AS bigint[]), CAST(:action AS text[]), CAST(:outcome AS text[]),
+        CAST(:reason AS text[]), CAST(:request_id AS text[])
+    ) AS v(session_id, action, outcome, reason, request_id)
+    """
+)
 
 
 def record_one(db: orm.Session, event: Event, *, now: datetime) -> None:

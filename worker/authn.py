@@ -12,6 +12,7 @@ request surely never reached Pangea; otherwise the failure is ``AuthnOutcomeUnkn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ import tenacity
 import worker
 from worker import errors, metrics, wire
 from worker.settings import Settings
+from worker.transport import PooledTransport
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +73,20 @@ class AuthnClient:
         self._backoff = backoff
         self._max_retry_after = max_retry_after
         self._timeout = timeout
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            transport=transport,
-            limits=limits,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-            },
-        )
+        # Requests go straight to an httpx transport. Not httpx's single pool: its bookkeeping costs
+        # O(connections²) per request (worker.transport). Not through httpx.AsyncClient either: its
+        # layers (URL merging, auth flow, redirects, cookie jar) cost a quarter of our CPU per call
+        # and do nothing for Pangea's API (docs/benchmarks.md).
+        self._transport = transport or PooledTransport(max_connections=max_connections)
+        self._base_url = base_url.rstrip("/")
+        self._urls: dict[str, httpx.URL] = {}
+        self._headers = [
+            ("Authorization", f"Bearer {token}"),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("User-Agent", USER_AGENT),
+        ]
+        self._timeouts = httpx.Timeout(timeout, connect=min(timeout, 5.0)).as_dict()
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> AuthnClient:
@@ -107,7 +111,7 @@ class AuthnClient:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -216,8 +220,18 @@ class AuthnClient:
     ) -> wire.Envelope:
         """POST once or more (per the retry policy) and return the parsed envelope."""
         retried_ids: list[str] = []
+        try:
+            # The first attempt runs outside tenacity: nearly every call succeeds at once, and a
+            # retry loop built per call cost more CPU than the rest of our side of it.
+            return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout)
+        except errors.AuthnError as exc:
+            if not self._retries or not _should_retry(
+                exc, idempotent=idempotent, max_retry_after=self._max_retry_after
+            ):
+                raise
+            await asyncio.sleep(self._delay(exc, attempt=1))
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self._retries + 1),
+            stop=tenacity.stop_after_attempt(self._retries),
             wait=self._wait,
             retry=tenacity.retry_if_exception(
                 lambda exc: _should_retry(exc, idempotent=idempotent, max_retry_after=self._max_retry_after)
@@ -238,15 +252,12 @@ class AuthnClient:
         idempotent: bool,
         timeout: float | None,
     ) -> wire.Envelope:
-        headers = {"X-Pangea-Retried-Request-Ids": ",".join(retried_ids)} if retried_ids else None
+        headers = self._headers
+        if retried_ids:
+            headers = [*headers, ("X-Pangea-Retried-Request-Ids", ",".join(retried_ids))]
         started, status = time.perf_counter(), "error"  # "error": no HTTP response at all
         try:
-            response = await self._http.post(
-                path,
-                content=orjson.dumps(body),
-                headers=headers,
-                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
-            )
+            response = await self._post(path, orjson.dumps(body), headers, timeout)
             status = str(response.status_code)
         except _NOT_SENT as exc:
             raise errors.AuthnUnreachable(f"{path}: {type(exc).__name__}", path=path) from exc
@@ -261,11 +272,32 @@ class AuthnClient:
             retried_ids.append(header_id)
         return _classify(response, path, header_id, idempotent=idempotent)
 
+    async def _post(
+        self, path: str, content: bytes, headers: list[tuple[str, str]], timeout: float | None
+    ) -> httpx.Response:
+        """POST on the transport and read the whole answer; httpx's own errors are raised."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._base_url + path)
+        timeouts = self._timeouts if timeout is None else httpx.Timeout(timeout).as_dict()
+        request = httpx.Request("POST", url, headers=headers, content=content, extensions={"timeout": timeouts})
+        response = await self._transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
     def _wait(self, state: tenacity.RetryCallState) -> float:
+        # tenacity counts from the second attempt overall (the first ran before it, in _call).
         exc = state.outcome.exception() if state.outcome else None
+        return self._delay(exc, attempt=state.attempt_number + 1)
+
+    def _delay(self, exc: BaseException | None, *, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt``: Retry-After, else full-jitter backoff."""
         if isinstance(exc, errors.AuthnRateLimited) and exc.retry_after is not None:
             return exc.retry_after
-        step = min(self._backoff * 2 ** (state.attempt_number - 1), DEFAULT_BACKOFF_CAP)
+        step = min(self._backoff * 2 ** (attempt - 1), DEFAULT_BACKOFF_CAP)
         return random.uniform(0, step)
 
     @staticmethod

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import orm
 
@@ -23,6 +24,8 @@ from worker import audit, authn, crypto, decisions, errors, guard, queries, rate
 from worker.decisions import Action, Answer, Failure
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -68,20 +71,45 @@ class OurTokenRejected(errors.AuthnRejectedUs):
     """Raised when Pangea refused our own token during a sweep: nothing was changed."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class _Work:
-    session: queries.ClaimedSession
-    active_token: str
-    refresh_token: str | None
+    """One claimed session. Its tokens are decrypted only when a call to Pangea needs them: a bulk
+    answer needs only the active token's id, and Fernet costs more than everything else per session."""
+
+    __slots__ = ("_active", "_cipher", "_facts", "_refresh", "session")
+
+    def __init__(self, session: queries.ClaimedSession, cipher: crypto.TokenCipher) -> None:
+        self.session = session
+        self._cipher = cipher
+        self._active: str | None = None
+        self._refresh: str | None = None
+        self._facts: decisions.SessionFacts | None = None
+
+    @property
+    def active_token(self) -> str:
+        if self._active is None:
+            self._active = self._cipher.decrypt(self.session.active_token_enc)
+        return self._active
+
+    @property
+    def refresh_token(self) -> str | None:
+        encrypted = self.session.refresh_token_enc
+        if encrypted is not None and self._refresh is None:
+            self._refresh = self._cipher.decrypt(encrypted)
+        return self._refresh
 
     @property
     def facts(self) -> decisions.SessionFacts:
+        if self._facts is None:
+            self._facts = self._read_facts()
+        return self._facts
+
+    def _read_facts(self) -> decisions.SessionFacts:
         s = self.session
         return decisions.SessionFacts(
             active_expires_at=s.active_expires_at,
             active_issued_at=s.active_issued_at,
             refresh_expires_at=s.refresh_expires_at,
-            has_refresh_token=self.refresh_token is not None,
+            has_refresh_token=s.refresh_token_enc is not None,
             failures=s.failures,
             uncertain=s.uncertain,
             verified_at=s.verified_at,
@@ -105,6 +133,7 @@ class SyncEngine:
         refresh_lease: timedelta,
         bulk: bool,
         guard_limits: guard.Limits | None = None,
+        batches_in_flight: int = 1,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
@@ -119,8 +148,12 @@ class SyncEngine:
         self._refresh_lease = refresh_lease
         self._bulk = bulk
         self._guard_limits = guard_limits or guard.Limits()
+        self._batches_in_flight = batches_in_flight
+        bind = sessions.kw.get("bind")
+        self._offload = bind is not None and bind.dialect.name != "sqlite"
         self._clock = clock
-        self._rng = rng or random.SystemRandom()
+        # Jitter needs no secret randomness: SystemRandom would cost a system call per draw.
+        self._rng = rng or random.Random()
 
     # --- entry points --------------------------------------------------------------------------
 
@@ -134,8 +167,8 @@ class SyncEngine:
         """Claim one batch of due sessions and bring each in line with Pangea."""
         claim_token = secrets.token_hex(16)
         now = self._clock()
-        with self._sessions.begin() as db:
-            claimed = queries.claim_due_sessions(
+        claimed = await self._in_transaction(
+            lambda db: queries.claim_due_sessions(
                 db,
                 now=now,
                 limit=self._batch_size,
@@ -144,6 +177,7 @@ class SyncEngine:
                 user_id=user_id,
                 session_ids=session_ids,
             )
+        )
         if not claimed:
             return Counts()
         try:
@@ -161,15 +195,40 @@ class SyncEngine:
         session_ids: Sequence[int] | None = None,
         confirm_revocations: bool = False,
     ) -> Counts:
-        """Process batches until nothing is due (``sweep --once``, resync)."""
+        """Process batches until nothing is due (``sweep --once``, resync).
+
+        ``batches_in_flight`` batches run at once, each with its own claim, so one batch's database
+        work and its last slow answers overlap the next one's requests. After a failure no lane
+        starts another batch, but none is cut short either (a refresh in flight is never abandoned);
+        then the first failure is raised as it is.
+        """
         total = Counts()
-        while True:
-            counts = await self.process_batch(
-                user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations
-            )
-            total.add(counts)
-            if counts.checked == 0 or counts.stopped:
-                return total
+        failed: list[Exception] = []
+
+        async def lane() -> None:
+            while not failed:
+                try:
+                    counts = await self.process_batch(
+                        user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations
+                    )
+                except Exception as exc:
+                    failed.append(exc)
+                    return
+                total.add(counts)
+                if counts.checked == 0 or counts.stopped:
+                    return
+
+        lanes = [asyncio.ensure_future(lane()) for _ in range(self._batches_in_flight)]
+        try:
+            await asyncio.gather(*lanes)
+        except BaseException:  # cancelled from outside: each lane gives its rows back
+            for other in lanes:
+                other.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+            raise
+        if failed:
+            raise failed[0]
+        return total
 
     async def resync(
         self,
@@ -193,7 +252,7 @@ class SyncEngine:
     # --- one batch -----------------------------------------------------------------------------
 
     async def _process(self, claimed: list[queries.ClaimedSession], *, confirm_revocations: bool) -> Counts:
-        work = [self._open(s) for s in claimed]
+        work = [_Work(s, self._cipher) for s in claimed]
         now = self._clock()
         to_refresh: list[_Work] = []
         to_check: list[_Work] = []
@@ -212,15 +271,32 @@ class SyncEngine:
                 to_refresh.append(w)
             else:
                 outcome.add(w, decision, answers[w.session.id], checked=True)
-        with self._sessions.begin() as db:
+
+        def write(db: orm.Session) -> None:
             self._hold_if_mass_revocation(db, outcome, checked=len(to_check), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
 
+        await self._in_transaction(write)
         counts = outcome.counts
         counts.checked = len(work)
         if to_refresh:
             counts.add(await self._refresh_all(to_refresh, confirm_revocations=confirm_revocations))
         return counts
+
+    async def _in_transaction(self, work: Callable[[orm.Session], T]) -> T:
+        """Run ``work`` in one short transaction of its own.
+
+        On PostgreSQL it runs in a thread, so while the server works the loop goes on sending
+        requests and reading answers for the other batches in flight. On SQLite it runs inline:
+        SQLite writes one transaction at a time anyway, and its locks are simplest on one thread.
+        """
+        if self._offload:
+            return await asyncio.to_thread(self._transaction, work)
+        return self._transaction(work)
+
+    def _transaction(self, work: Callable[[orm.Session], T]) -> T:
+        with self._sessions.begin() as db:
+            return work(db)
 
     def _hold_if_mass_revocation(
         self, db: orm.Session, outcome: _Outcome, *, checked: int, now: datetime, bypass: bool
@@ -230,12 +306,6 @@ class SyncEngine:
             db, checked=checked, would_revoke=would_revoke, limits=self._guard_limits, now=now, bypass=bypass
         ):
             outcome.hold(next_check_at=now + self._policy.check_interval)
-
-    def _open(self, session: queries.ClaimedSession) -> _Work:
-        refresh = self._cipher.decrypt(session.refresh_token_enc) if session.refresh_token_enc else None
-        return _Work(
-            session=session, active_token=self._cipher.decrypt(session.active_token_enc), refresh_token=refresh
-        )
 
     async def _revalidate(self, work: list[_Work]) -> dict[int, Answer]:
         """Pangea's answer for each session: in bulk when we can, else one check per token."""
@@ -282,8 +352,10 @@ class SyncEngine:
 
     async def _refresh_all(self, work: list[_Work], *, confirm_revocations: bool) -> Counts:
         now = self._clock()
-        with self._sessions.begin() as db:
-            taken = queries.begin_refresh(db, [w.session for w in work], now=now, lease=self._refresh_lease)
+        sessions = [w.session for w in work]
+        taken = await self._in_transaction(
+            lambda db: queries.begin_refresh(db, sessions, now=now, lease=self._refresh_lease)
+        )
         work = [w for w in work if w.session.id in taken]
         results = await asyncio.gather(*(self._refresh_one(w) for w in work))
         now = self._clock()
@@ -312,10 +384,13 @@ class SyncEngine:
                     action=Action.KEEP, next_check_at=now, failures=w.session.failures, uncertain=w.session.uncertain
                 )
             outcome.add(w, decision, answer, checked=answer.verdict is not None)
-        with self._sessions.begin() as db:
+
+        def write(db: orm.Session) -> None:
             queries.store_refreshed(db, stored, now=now)
             self._hold_if_mass_revocation(db, outcome, checked=len(work), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
+
+        await self._in_transaction(write)
         if stopped:
             raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
         counts = outcome.counts

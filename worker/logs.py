@@ -130,11 +130,25 @@ def formatter(fmt: LogFormat) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
+#: Libraries that log every HTTP request at INFO: under a worker's INFO logging that is one line per
+#: Pangea call, costing more than our side of the call. They log at WARNING unless set otherwise.
+NOISY_LOGGERS = ("httpx", "httpcore")
+
+
+def quiet_noisy_loggers() -> None:
+    """Raise :data:`NOISY_LOGGERS` to WARNING, unless someone set their level already."""
+    for name in NOISY_LOGGERS:
+        noisy = logging.getLogger(name)
+        if noisy.level == logging.NOTSET:
+            noisy.setLevel(logging.WARNING)
+
+
 def install(handlers: Iterable[logging.Handler], fmt: LogFormat) -> None:
     """Put the redaction filter on each handler (once), and the JSON formatter when ``fmt`` is json.
 
     In text mode a handler keeps the formatter it has (Celery's own, colours and all).
     """
+    quiet_noisy_loggers()
     for handler in handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
@@ -153,7 +167,7 @@ def configure(fmt: LogFormat, *, level: int = logging.WARNING) -> None:
         root.removeHandler(old)
     handler = _CliHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
-    install([handler], fmt)
+    install([handler], fmt)  # quiets the noisy loggers too
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)

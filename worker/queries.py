@@ -139,6 +139,9 @@ def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datet
     ]
     if not params:
         return
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(_RECORD_CHECKS_PG, _columns(params, _RECORD_CHECKS_KEYS) | {"b_now": now})
+        return
     stmt = (
         sa.update(_T)
         .where(*_guard())
@@ -159,6 +162,46 @@ def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datet
         )
     )
     db.execute(stmt, params)
+
+
+#: PostgreSQL: :func:`record_checks` as one statement over arrays (``unnest``), not one UPDATE per row.
+#: The server plans and runs it once for the whole batch; keep it in step with the portable form above.
+_RECORD_CHECKS_PG = sa.text(
+    """
+    UPDATE sessions SET
+        next_check_at = v.next_check_at,
+        failures = v.failures,
+        uncertain = v.uncertain,
+        active_expires_at = coalesce(v.active_expires_at, sessions.active_expires_at),
+        last_checked_at = coalesce(v.checked_at, sessions.last_checked_at),
+        updated_at = :b_now,
+        claimed_until = NULL,
+        claim_token = NULL,
+        version = sessions.version + 1
+    FROM unnest(
+        CAST(:b_id AS bigint[]), CAST(:b_claim AS text[]), CAST(:b_version AS integer[]),
+        CAST(:next_check_at AS timestamptz[]), CAST(:failures AS integer[]), CAST(:uncertain AS boolean[]),
+        CAST(:active_expires_at AS timestamptz[]), CAST(:b_checked_at AS timestamptz[])
+    ) AS v(id, claim, version, next_check_at, failures, uncertain, active_expires_at, checked_at)
+    WHERE sessions.id = v.id AND sessions.claim_token = v.claim AND sessions.version = v.version
+      AND sessions.state = 'active'
+    """
+)
+_RECORD_CHECKS_KEYS = (
+    "b_id",
+    "b_claim",
+    "b_version",
+    "next_check_at",
+    "failures",
+    "uncertain",
+    "active_expires_at",
+    "b_checked_at",
+)
+
+
+def _columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[Any]]:
+    """Rows of parameters turned into one list per key (arrays for ``unnest``)."""
+    return {key: [row[key] for row in rows] for key in keys}
 
 
 def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> None:

@@ -86,6 +86,7 @@ class Runtime:
             refresh_lease=s.refresh_lease,
             bulk=s.bulk_revalidation,
             guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
+            batches_in_flight=s.batches_in_flight,
         )
 
     @cached_property

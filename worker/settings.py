@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
     revalidation: Literal["auto", "bulk", "per_token"] = Field("auto", alias="SESSION_SYNC_REVALIDATION")
     max_batches_per_sweep: int = Field(200, ge=1, alias="SESSION_SYNC_MAX_BATCHES_PER_SWEEP")
+    batches_in_flight: int = Field(4, ge=1, le=64, alias="SESSION_SYNC_BATCHES_IN_FLIGHT")
     guard_share: float = Field(0.2, gt=0, le=1, alias="SESSION_SYNC_GUARD_SHARE")
     guard_minimum: int = Field(50, ge=1, alias="SESSION_SYNC_GUARD_MIN")
     max_unverified: Duration = Field(timedelta(hours=1), alias="SESSION_SYNC_MAX_UNVERIFIED")

@@ -276,9 +276,12 @@ def _int(obj: Mapping[str, Any], key: str, where: str) -> int:
 def _datetime(obj: Mapping[str, Any], key: str, where: str) -> datetime:
     value = _str(obj, key, where)
     try:
-        parsed = datetime.fromisoformat(_FRACTION.sub(r".\1", value))
+        parsed = datetime.fromisoformat(value)  # Python 3.11 truncates a fraction past microseconds itself
     except ValueError:
-        raise errors.AuthnProtocolError(f"{where}.{key} is not an ISO-8601 date-time") from None
+        try:
+            parsed = datetime.fromisoformat(_FRACTION.sub(r".\1", value))
+        except ValueError:
+            raise errors.AuthnProtocolError(f"{where}.{key} is not an ISO-8601 date-time") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

@@ -80,7 +80,9 @@ def seed(rt: runtime.Runtime, emu: RunningEmulator, emails: list[str]) -> list[t
     results = rt.run(_logins(rt, emu, emails))
     with rt.sessions.begin() as db:
         rows = [sessions.record_login(db, r, cipher=rt.cipher, policy=rt.policy) for r in results]
-        return [(r.id, r.user_id, str(res["result"]["active_token"]["token"])) for r, res in zip(rows, results, strict=True)]
+        return [
+            (r.id, r.user_id, str(res["result"]["active_token"]["token"])) for r, res in zip(rows, results, strict=True)
+        ]
 
 
 def outbox_counts(rt: runtime.Runtime) -> Counter[str]:

@@ -215,3 +215,19 @@ def test_audit_trail_explains_a_revocation(make_runtime: Any, emu: RunningEmulat
     [event] = report["events"]
     assert event["action"] == "revoked" and event["outcome"] == "invalid"
     assert event["request_id"] and event["request_id"].startswith("prq_")
+
+
+def test_batches_in_flight_share_the_work_without_overlap(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime(
+        SESSION_SYNC_REVALIDATION="per_token", SESSION_SYNC_BATCH_SIZE="2", SESSION_SYNC_BATCHES_IN_FLIGHT="3"
+    )
+    # Given 9 sessions, one of them killed at Pangea
+    ids = [login(rt, emu, f"lane{i}@example.com") for i in range(9)]
+    rt.run(rt.client.session_invalidate(row(rt, ids[4]).pangea_session_id or ""))
+    # When a resync drains them in batches of 2, three batches at a time
+    counts = rt.run(rt.engine.resync())
+    # Then every session was checked exactly once, and each lease was given back
+    assert (counts.checked, counts.kept, counts.revoked) == (9, 8, 1)
+    assert requests(emu, "/v2/client/token/check") == 9
+    assert all(row(rt, i).claim_token is None for i in ids)
+    assert row(rt, ids[4]).end_reason == "invalid_token"

@@ -33,6 +33,13 @@ class EmulatorAdmin:
             body["profile"] = dict(profile)
         return str(self._call("POST", "/emulator/login", body)["code"])
 
+    def seed(
+        self, count: int, *, start: int = 0, active_ttl: float = 3600, refresh_ttl: float = 86400, key: str = "bench"
+    ) -> dict[str, Any]:
+        """Create sessions ``start`` … ``start + count - 1`` at once; their secrets are ``store.seeded(i, key=key)``."""
+        body = {"count": count, "start": start, "active_ttl": active_ttl, "refresh_ttl": refresh_ttl, "key": key}
+        return dict(self._call("POST", "/emulator/seed", body))
+
     def faults(self, **faults: Any) -> None:
         """Set faults: ``latency_ms``, ``error_rate``, ``error``, ``retry_after``, ``paths`` (none: clear)."""
         self._call("POST", "/emulator/faults", faults)

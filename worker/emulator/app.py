@@ -6,7 +6,8 @@ them: faults → route (404 NotFound; any method but POST is unknown too) → be
 Unauthorized; the client token is refused on ``/v2/session/*``) → body (400 ValidationError) →
 the endpoint. Any answer from an endpoint is counted in the stats, faulted ones included.
 
-Admin surface (no auth; faults never apply): ``POST /emulator/login``, ``POST /emulator/faults``,
+Admin surface (no auth; faults never apply): ``POST /emulator/login``, ``POST /emulator/seed``
+(bulk sessions for benchmarks, ids from ``store.seeded``), ``POST /emulator/faults``,
 ``GET /emulator/faults``, ``GET /emulator/stats``, ``POST /emulator/reset``. Its errors are plain
 ``{"error": "..."}`` bodies with HTTP 400 or 404.
 """
@@ -59,6 +60,7 @@ class Emulator:
         self._release = asyncio.Event()  # set (then replaced) on reset: frees held Timeout requests
         self._admin: dict[tuple[str, str], Callable[[bytes], tuple[int, Any]]] = {
             ("POST", "/emulator/login"): self._login,
+            ("POST", "/emulator/seed"): self._seed,
             ("POST", "/emulator/faults"): self._set_faults,
             ("GET", "/emulator/faults"): lambda _: (200, self.faults.to_json()),
             ("GET", "/emulator/stats"): lambda _: (200, {"requests": self.stats}),
@@ -182,6 +184,16 @@ class Emulator:
         )
         return 200, {"code": code}
 
+    def _seed(self, raw: bytes) -> tuple[int, Any]:
+        try:
+            count, start, active_ttl, refresh_ttl, key = _seed_fields(_json(raw))
+            self.ctx.store.seed(
+                count, start=start, active_ttl=active_ttl, refresh_ttl=refresh_ttl, now=time.time(), key=key
+            )
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+        return 200, {"seeded": count, "start": start, "key": key, "sessions": len(self.ctx.store.sessions)}
+
     def _set_faults(self, raw: bytes) -> tuple[int, Any]:
         try:
             self.faults = faults.parse(_json(raw), handlers.ROUTES)
@@ -223,6 +235,27 @@ def _login_fields(body: Any) -> tuple[str, float, float, dict[str, str]]:
     if not isinstance(profile, dict) or not all(isinstance(v, str) for v in profile.values()):
         raise ValueError("profile must be an object of strings")
     return email, float(ttls[0]), float(ttls[1]), profile
+
+
+#: Most sessions one ``POST /emulator/seed`` creates (seed more with several calls and ``start``).
+MAX_SEED = 1_000_000
+
+
+def _seed_fields(body: Any) -> tuple[int, int, float, float, str]:
+    if not isinstance(body, dict) or set(body) - {"count", "start", "active_ttl", "refresh_ttl", "key"}:
+        raise ValueError("expected an object with count and optionally start, active_ttl, refresh_ttl, key")
+    count, start = body.get("count"), body.get("start", 0)
+    if not (isinstance(count, int) and isinstance(start, int)) or isinstance(count, bool) or isinstance(start, bool):
+        raise ValueError(f"count must be an integer from 1 to {MAX_SEED}, start an integer from 0")
+    if not 0 < count <= MAX_SEED or start < 0:
+        raise ValueError(f"count must be an integer from 1 to {MAX_SEED}, start an integer from 0")
+    ttls = body.get("active_ttl", 3600), body.get("refresh_ttl", 86400)
+    if not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 10 * 365 * 86400 for t in ttls):
+        raise ValueError("active_ttl and refresh_ttl must be seconds, above 0 and at most ten years")
+    key = body.get("key", "bench")
+    if not isinstance(key, str) or not key:
+        raise ValueError("key must be a non-empty string")
+    return count, start, float(ttls[0]), float(ttls[1]), key
 
 
 async def _read_body(receive: Receive) -> bytes | None:

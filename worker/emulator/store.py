@@ -2,7 +2,7 @@
 
 No I/O and no clock of its own: every operation takes ``now`` (epoch seconds), so the rules can be
 read and tested as data in, data out. Lookups are O(1) dict hits, so the store can hold millions of
-sessions (a bulk-seeding admin endpoint only needs :meth:`Store.create_session`).
+sessions (:meth:`Store.seed` fills it for benchmarks).
 
 The session model, read from Pangea's docs and examples (``pangea-authn.md`` §3.7):
 
@@ -48,6 +48,35 @@ def stable_id(prefix: str, seed: str) -> str:
     """A Pangea-shaped id derived from ``seed``: the same seed always gives the same id."""
     digest = hashlib.sha256(seed.encode("utf-8")).digest()[:20]
     return prefix + base64.b32encode(digest).decode("ascii").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """The ids and secrets of seeded session number ``index`` (see :func:`seeded`)."""
+
+    index: int
+    email: str
+    session_id: str
+    active_id: str
+    active_secret: str = field(repr=False)
+    refresh_secret: str = field(repr=False)
+
+
+def seeded(index: int, *, key: str = "bench") -> Seeded:
+    """Seeded session ``index``: every id and secret derived from ``key`` and the index.
+
+    ``POST /emulator/seed`` mints sessions with these, so a benchmark can write the same sessions
+    into its own database without a login per session or a big answer from the emulator.
+    """
+    seed = f"{key}:{index}"
+    return Seeded(
+        index=index,
+        email=f"user{index}@{key}.example",
+        session_id=stable_id("pmt_", seed + ":session"),
+        active_id=stable_id("pmt_", seed + ":active"),
+        active_secret=stable_id("ptu_", seed + ":active-secret"),
+        refresh_secret=stable_id("ptr_", seed + ":refresh-secret"),
+    )
 
 
 class Rejected(Exception):
@@ -164,6 +193,28 @@ class Store:
         self._mint_active(session, now, first=True)
         return session
 
+    def seed(
+        self, count: int, *, start: int, active_ttl: float, refresh_ttl: float, now: float, key: str = "bench"
+    ) -> None:
+        """Create sessions ``start`` … ``start + count - 1`` with the ids and secrets of :func:`seeded`."""
+        for index in range(start, start + count):
+            ids = seeded(index, key=key)
+            session = Session(
+                id=ids.session_id,
+                identity=stable_id("pui_", ids.email),
+                email=ids.email,
+                profile={},
+                created_at=now,
+                active_ttl=active_ttl,
+                refresh_ttl=refresh_ttl,
+            )
+            if session.id in self.sessions:
+                raise ValueError(f"session {index} of {key!r} is already seeded")
+            self.sessions[session.id] = session
+            self.by_user.setdefault(session.identity, {})[session.id] = session
+            self._mint_refresh(session, now, secret=ids.refresh_secret)
+            self._mint_active(session, now, first=True, secret=ids.active_secret, token_id=ids.active_id)
+
     # --- token rules ---------------------------------------------------------------------------
 
     def lookup(self, secret: str, now: float) -> Token:
@@ -238,10 +289,10 @@ class Store:
 
     # --- minting -------------------------------------------------------------------------------
 
-    def _mint_refresh(self, session: Session, now: float) -> None:
+    def _mint_refresh(self, session: Session, now: float, *, secret: str | None = None) -> None:
         # The id is minted once: the refresh token's id is the session id, before and after rotation.
         token = Token(
-            secret=new_id("ptr_"),
+            secret=secret or new_id("ptr_"),
             id=session.id,
             type="session",
             created_at=now,
@@ -252,10 +303,18 @@ class Store:
         self.by_secret[token.secret] = token
         heapq.heappush(self._expiry, (token.expire, session.id))
 
-    def _mint_active(self, session: Session, now: float, *, first: bool = False) -> None:
+    def _mint_active(
+        self,
+        session: Session,
+        now: float,
+        *,
+        first: bool = False,
+        secret: str | None = None,
+        token_id: str | None = None,
+    ) -> None:
         token = Token(
-            secret=new_id("ptu_"),
-            id=new_id("pmt_"),
+            secret=secret or new_id("ptu_"),
+            id=token_id or new_id("pmt_"),
             type="user",
             created_at=now,
             expire=min(now + session.active_ttl, session.refresh.expire),
