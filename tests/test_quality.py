@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        [str(BIN / "ruff"), "check", "worker", "tests", "migrations", "benchmarks"],
-        [str(BIN / "ruff"), "format", "--check", "worker", "tests", "migrations", "benchmarks"],
+        [str(BIN / "ruff"), "check", "worker", "tests", "migrations", "benchmarks", "examples"],
+        [str(BIN / "ruff"), "format", "--check", "worker", "tests", "migrations", "benchmarks", "examples"],
         [str(BIN / "mypy"), "worker", "benchmarks"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],

@@ -137,9 +137,20 @@ class SessionInvalid(SessionSyncError):
 
     @property
     def www_authenticate(self) -> str:
-        """The ``WWW-Authenticate`` value, e.g. ``Bearer realm="x", error="invalid_token", ...``."""
-        description = self.description.replace("\\", "\\\\").replace('"', '\\"')
-        return f'Bearer realm="{self.realm}", error="invalid_token", error_description="{description}"'
+        """The ``WWW-Authenticate`` value, e.g. ``Bearer realm="x", error="invalid_token", ...``.
+
+        The realm is an RFC 7230 quoted-string (``"`` and ``\\`` escaped, control characters dropped).
+        RFC 6750 allows neither ``"`` nor ``\\`` in ``error_description`` (``%x20-21 / %x23-5B /
+        %x5D-7E``), escaped or not, so they become ``'`` and ``/`` and anything else outside that
+        set is dropped. A request that sent no credentials (``reason="missing"``) gets no error code
+        (RFC 6750 section 3.1).
+        """
+        realm = "".join(c for c in self.realm if " " <= c <= "~" or c == "\t")
+        challenge = 'Bearer realm="{}"'.format(realm.replace("\\", "\\\\").replace('"', '\\"'))
+        if self.reason == "missing":
+            return challenge
+        description = "".join(c for c in self.description.replace('"', "'").replace("\\", "/") if " " <= c <= "~")
+        return f'{challenge}, error="invalid_token", error_description="{description}"'
 
 
 def _rebuild_invalid(description: str, realm: str, reason: str) -> SessionInvalid:

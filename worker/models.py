@@ -14,6 +14,10 @@ PostgreSQL they are ``timestamptz``; on SQLite, text ``YYYY-MM-DD HH:MM:SS.fffff
   ``b"session-sync token lookup v1"``, 32 bytes). Look a token up with
   ``WHERE active_token_hash IN (<one hash per configured key>) AND state = 'active'
   AND active_expires_at > now``; tokens themselves are never stored in clear.
+- ``handle_hash``: the same keyed hash of the opaque local handle (``lss_`` + 32 base32 characters)
+  issued at login for cookie sessions. ``previous_token_hash`` / ``rotated_at``: the active token a
+  worker refresh replaced, still accepted until ``rotated_at`` + the grace period (README
+  "Database contract").
 - ``active_token_enc`` / ``refresh_token_enc``: Fernet ciphertext (``SESSION_SYNC_ENCRYPTION_KEYS``).
 - ``active_token_id`` / ``pangea_session_id``: Pangea's ``pmt_`` ids of the active token and of the
   session (its refresh token); ``pangea_session_id`` is unique so a push can revoke by id.
@@ -162,6 +166,12 @@ class LocalSession(Base):
     active_token_enc: Mapped[str] = mapped_column(sa.Text())
     refresh_token_enc: Mapped[str | None] = mapped_column(sa.Text())
     active_token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True, index=True)
+    #: Keyed hash of the opaque local handle (``lss_...``) a browser keeps in a cookie; NULL: none issued.
+    handle_hash: Mapped[str | None] = mapped_column(sa.String(64), unique=True, index=True)
+    #: Keyed hash of the active token the worker's last refresh replaced, and when it did: that token
+    #: keeps authenticating for the app's grace period (``SESSION_SYNC_REFRESH_GRACE``) after ``rotated_at``.
+    previous_token_hash: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    rotated_at: Mapped[datetime | None]
     active_expires_at: Mapped[datetime]
     #: When Pangea minted the active token: with the expiry, its lifetime (refresh margin).
     active_issued_at: Mapped[datetime | None]

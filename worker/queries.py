@@ -292,6 +292,10 @@ def store_refreshed(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: dat
         .where(*_guard())
         .values(
             **{c: sa.bindparam(c) for c in columns},
+            # The replaced token keeps authenticating for a grace period (worker.sessions); SET
+            # expressions read the row as it was, so this is the old active token's hash.
+            previous_token_hash=_T.c.active_token_hash,
+            rotated_at=sa.bindparam("b_now"),
             failures=0,
             uncertain=False,
             last_checked_at=sa.bindparam("b_now"),

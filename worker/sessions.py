@@ -3,15 +3,27 @@
 The app passes its own SQLAlchemy ``Session`` (``db``) and owns the transaction: these functions
 flush but never commit, so a login or logout commits together with the app's own writes.
 Tokens are encrypted at rest and looked up by keyed hash; ``authenticate`` never calls Pangea.
+
+Two session styles (README "Two session styles"):
+
+- **Server-side session**: :func:`record_login` returns an opaque random handle (``lss_...``) for
+  the browser's cookie; Pangea's tokens never leave the server. Only the handle's keyed hash is
+  stored. Integer ids stay for tasks and the CLI; they are guessable, so never put one in a cookie.
+- **Bearer token** (the guide's style): the browser sends Pangea's active token. When the worker
+  refreshes it, the replaced token keeps authenticating for a grace period
+  (``SESSION_SYNC_REFRESH_GRACE``) and :attr:`Authenticated.rotated_token` carries the new one
+  for the app to hand back.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import random
+import secrets
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,11 +34,16 @@ from worker.settings import Settings
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
 DEFAULT_REALM = "session-sync"
+#: Prefix of the opaque local session handles issued by :func:`record_login` (``lss_`` + 32 base32).
+HANDLE_PREFIX = "lss_"
 _RNG = random.SystemRandom()
 
-_DESCRIPTIONS = {
+#: ``SessionInvalid.reason`` -> ``error_description`` (the reasons are part of the API).
+DESCRIPTIONS = {
+    "missing": "No credentials were sent",
     "unknown": "The token is not recognized",
     "expired": "The token expired",
+    "replaced": "The token was replaced by a refresh",
     "logged_out": "The session was logged out",
     "revoked": "The session was revoked",
 }
@@ -44,6 +61,32 @@ def default_policy() -> decisions.Policy:
     return decisions.Policy.from_settings(Settings.from_env())
 
 
+@functools.cache
+def default_grace() -> timedelta:
+    """How long a token the worker replaced still authenticates (``SESSION_SYNC_REFRESH_GRACE``)."""
+    return Settings.from_env().refresh_grace
+
+
+def new_handle() -> str:
+    """A fresh opaque session handle: ``lss_`` + 32 base32 characters (160 random bits)."""
+    return HANDLE_PREFIX + base64.b32encode(secrets.token_bytes(20)).decode("ascii")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Login:
+    """A recorded login: the local session, and the handle to put in the browser's cookie.
+
+    The handle exists only here (the database keeps its keyed hash): set the cookie now or lose it.
+    """
+
+    id: int
+    user_id: str
+    email: str
+    handle: str = dataclasses.field(repr=False)
+    expires_at: datetime
+    session: models.LocalSession = dataclasses.field(repr=False)
+
+
 def record_login(
     db: orm.Session,
     userinfo: Mapping[str, Any],
@@ -51,11 +94,11 @@ def record_login(
     cipher: crypto.TokenCipher | None = None,
     now: datetime | None = None,
     policy: decisions.Policy | None = None,
-) -> models.LocalSession:
+) -> Login:
     """Store a local session from a ``/v2/client/userinfo`` (or refresh) envelope or its ``result``.
 
-    Raises ``errors.InvalidUserinfo`` naming the problem (never a token) and writes nothing when
-    the payload is not Pangea's.
+    Returns the new session's id and its opaque cookie handle. Raises ``errors.InvalidUserinfo``
+    naming the problem (never a token) and writes nothing when the payload is not Pangea's.
     """
     cipher = cipher or default_cipher()
     now = now or datetime.now(UTC)
@@ -71,6 +114,7 @@ def record_login(
         uncertain=False,
     )
     next_check = decisions.plan_next_check(facts, now, policy or default_policy(), _RNG)
+    handle = new_handle()
     row = models.LocalSession(
         user_id=active.identity,
         email=active.email,
@@ -78,6 +122,7 @@ def record_login(
         active_token_id=active.id,
         active_token_enc=cipher.encrypt(active.token),
         active_token_hash=cipher.lookup_hash(active.token),
+        handle_hash=cipher.lookup_hash(handle),
         refresh_token_enc=cipher.encrypt(refresh.token),
         active_expires_at=active.expire,
         active_issued_at=active.created_at,
@@ -88,7 +133,9 @@ def record_login(
     )
     db.add(row)
     db.flush()
-    return row
+    return Login(
+        id=row.id, user_id=row.user_id, email=row.email, handle=handle, expires_at=row.active_expires_at, session=row
+    )
 
 
 def _parse_userinfo(userinfo: Mapping[str, Any]) -> wire.SessionCreds:
@@ -107,6 +154,61 @@ def _parse_userinfo(userinfo: Mapping[str, Any]) -> wire.SessionCreds:
         raise errors.InvalidUserinfo(f"userinfo is not Pangea's: {exc}") from None
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Authenticated:
+    """A live local session, as :func:`authenticate` found it.
+
+    ``last_checked_at`` is when the worker last heard from Pangea about it (None: not since the
+    login at ``created_at``); ``uncertain`` marks a refresh whose answer was lost. Apps that want a
+    staleness bound of their own use :meth:`verified_within`. ``rotated_token`` is set only when
+    the request presented the token a worker refresh replaced (inside the grace period): hand it
+    back to the client (e.g. in an ``X-Session-Token`` header), which should use it from then on.
+    """
+
+    id: int
+    user_id: str
+    email: str
+    expires_at: datetime
+    created_at: datetime
+    last_checked_at: datetime | None
+    uncertain: bool
+    rotated_token: str | None = dataclasses.field(default=None, repr=False)
+
+    def verified_within(self, max_age: timedelta, now: datetime | None = None) -> bool:
+        """Whether Pangea confirmed this session (or it logged in) less than ``max_age`` ago."""
+        return (now or datetime.now(UTC)) - (self.last_checked_at or self.created_at) < max_age
+
+
+_S = models.LocalSession
+_AUTH_COLUMNS = (
+    _S.id,
+    _S.user_id,
+    _S.email,
+    _S.state,
+    _S.end_reason,
+    _S.active_expires_at,
+    _S.created_at,
+    _S.last_checked_at,
+    _S.uncertain,
+    _S.active_token_hash,
+    _S.active_token_enc,
+    _S.rotated_at,
+)
+
+
+@functools.cache
+def _lookup(by: str, keys: int) -> sa.Executable:
+    """The one indexed SELECT of :func:`authenticate`, built once per kind and number of keys."""
+    marks: list[sa.BindParameter[Any]] = [sa.bindparam(f"k{i}") for i in range(keys)]
+    if by == "id":
+        where = _S.id == marks[0]
+    elif by == "handle":
+        where = _S.handle_hash.in_(marks)
+    else:
+        where = sa.or_(_S.active_token_hash.in_(marks), _S.previous_token_hash.in_(marks))
+    return sa.select(*_AUTH_COLUMNS).where(where).limit(1)
+
+
 def authenticate(
     db: orm.Session,
     token_or_session_id: str | int,
@@ -114,19 +216,32 @@ def authenticate(
     cipher: crypto.TokenCipher | None = None,
     now: datetime | None = None,
     realm: str = DEFAULT_REALM,
-) -> models.LocalSession:
-    """The live local session for an active token or a local session id; else ``SessionInvalid``.
+    grace: timedelta | None = None,
+) -> Authenticated:
+    """The live local session for an active token, a handle (``lss_...``) or a local id; else ``SessionInvalid``.
 
-    Answers from the local database only: no Pangea call on the request path.
+    Answers from the local database only (one indexed query, no Pangea call). A token the worker
+    replaced by a refresh is accepted for ``grace`` (default ``SESSION_SYNC_REFRESH_GRACE``) after
+    the rotation, and the answer then carries the new token in ``rotated_token``.
+    ``SessionInvalid.reason`` is one of :data:`DESCRIPTIONS`; its message never holds the token.
     """
     now = now or datetime.now(UTC)
+    hashes: list[str] = []  # set when a token was presented (not a handle or an id)
+    params: dict[str, object]
     if isinstance(token_or_session_id, int):
-        row = db.get(models.LocalSession, token_or_session_id)
+        query, params = _lookup("id", 1), {"k0": token_or_session_id}
+    elif not token_or_session_id:
+        raise _invalid("missing", realm)
     else:
-        hashes = (cipher or default_cipher()).lookup_hashes(token_or_session_id)
-        row = db.scalars(
-            sa.select(models.LocalSession).where(models.LocalSession.active_token_hash.in_(hashes))
-        ).first()
+        cipher = cipher or default_cipher()
+        keys = cipher.lookup_hashes(token_or_session_id)
+        if token_or_session_id.startswith(HANDLE_PREFIX):
+            query = _lookup("handle", len(keys))
+        else:
+            query, hashes = _lookup("token", len(keys)), keys
+        params = {f"k{i}": key for i, key in enumerate(keys)}
+    # Core on the session's connection: the ORM's per-statement work would triple the cost.
+    row = db.connection().execute(query, params).first()
     if row is None:
         raise _invalid("unknown", realm)
     if row.state is models.SessionState.LOGGED_OUT:
@@ -135,11 +250,27 @@ def authenticate(
         raise _invalid("expired" if row.end_reason == "expired" else "revoked", realm)
     if row.active_expires_at <= now:
         raise _invalid("expired", realm)
-    return row
+    rotated = None
+    if hashes and row.active_token_hash not in hashes:
+        # The previous token: good only within the grace period after the worker replaced it.
+        if row.rotated_at is None or now >= row.rotated_at + (default_grace() if grace is None else grace):
+            raise _invalid("replaced", realm)
+        assert cipher is not None
+        rotated = cipher.decrypt(row.active_token_enc)
+    return Authenticated(
+        id=row.id,
+        user_id=row.user_id,
+        email=row.email,
+        expires_at=row.active_expires_at,
+        created_at=row.created_at,
+        last_checked_at=row.last_checked_at,
+        uncertain=row.uncertain,
+        rotated_token=rotated,
+    )
 
 
 def _invalid(reason: str, realm: str) -> errors.SessionInvalid:
-    return errors.SessionInvalid(_DESCRIPTIONS[reason], realm=realm, reason=reason)
+    return errors.SessionInvalid(DESCRIPTIONS[reason], realm=realm, reason=reason)
 
 
 # --- logout: end the local session and queue the Pangea logout, in the caller's transaction ------

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     refresh_margin_fraction: float = Field(0.1, ge=0, lt=1, alias="SESSION_SYNC_REFRESH_FRACTION")
     batch_size: int = Field(500, ge=1, le=10_000, alias="SESSION_SYNC_BATCH_SIZE")
     concurrency: int = Field(32, ge=1, le=1_000, alias="SESSION_SYNC_CONCURRENCY")
+    #: How long an active token the worker replaced by a refresh still authenticates (web-app side).
+    refresh_grace: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_GRACE")
     rate_limit: float = Field(100.0, gt=0, alias="SESSION_SYNC_RATE_LIMIT")
     lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
     http_timeout: float = Field(10.0, gt=0, alias="SESSION_SYNC_HTTP_TIMEOUT")

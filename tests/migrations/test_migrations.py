@@ -20,6 +20,8 @@ EXPECTED_INDEXES = {
         ("ix_sessions_pangea_session_id", ("pangea_session_id",), True),
         ("ix_sessions_active_token_id", ("active_token_id",), False),
         ("ix_sessions_active_token_hash", ("active_token_hash",), True),
+        ("ix_sessions_handle_hash", ("handle_hash",), True),
+        ("ix_sessions_previous_token_hash", ("previous_token_hash",), False),
         ("ix_sessions_next_check_at", ("next_check_at",), False),
     },
     "logout_outbox": {
