@@ -31,9 +31,12 @@ class Event:
     request_id: str | None = None
 
     @classmethod
-    def of(cls, session_id: int, decision: decisions.Decision, answer: decisions.Answer) -> Event:
-        """The event for a decision taken on an answer (or on its absence)."""
-        outcome = answer.verdict.value if answer.verdict is not None else str(answer.failure)
+    def of(
+        cls, session_id: int, decision: decisions.Decision, answer: decisions.Answer, *, outcome: str | None = None
+    ) -> Event:
+        """The event for a decision taken on an answer (or on its absence); ``outcome`` overrides its name."""
+        if outcome is None:
+            outcome = answer.verdict.value if answer.verdict is not None else str(answer.failure)
         return cls(
             session_id=session_id,
             action=decision.counted_as,

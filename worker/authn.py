@@ -40,6 +40,10 @@ DEFAULT_BACKOFF = 0.25
 #: Cap on one backoff step in seconds.
 DEFAULT_BACKOFF_CAP = 4.0
 
+#: Largest answer body read, in bytes: a page of a thousand sessions is well under a megabyte, so
+#: anything past this is not Pangea's answer and is not held in memory (AuthnProtocolError).
+MAX_RESPONSE_BYTES = 8 << 20
+
 #: Errors raised before any byte of the request left: always safe to retry.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -257,7 +261,7 @@ class AuthnClient:
             headers = [*headers, ("X-Pangea-Retried-Request-Ids", ",".join(retried_ids))]
         started, status = time.perf_counter(), "error"  # "error": no HTTP response at all
         try:
-            response = await self._post(path, orjson.dumps(body), headers, timeout)
+            response, content = await self._post(path, orjson.dumps(body), headers, timeout)
             status = str(response.status_code)
         except _NOT_SENT as exc:
             raise errors.AuthnUnreachable(f"{path}: {type(exc).__name__}", path=path) from exc
@@ -270,23 +274,32 @@ class AuthnClient:
         header_id = response.headers.get("x-request-id")
         if header_id:
             retried_ids.append(header_id)
-        return _classify(response, path, header_id, idempotent=idempotent)
+        return _classify(response, content, path, header_id, idempotent=idempotent)
 
     async def _post(
         self, path: str, content: bytes, headers: list[tuple[str, str]], timeout: float | None
-    ) -> httpx.Response:
-        """POST on the transport and read the whole answer; httpx's own errors are raised."""
+    ) -> tuple[httpx.Response, bytes | None]:
+        """POST on the transport and read the answer: its body, or None past MAX_RESPONSE_BYTES.
+
+        httpx's own errors are raised. An oversized body is abandoned with its connection.
+        """
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
         timeouts = self._timeouts if timeout is None else httpx.Timeout(timeout).as_dict()
         request = httpx.Request("POST", url, headers=headers, content=content, extensions={"timeout": timeouts})
         response = await self._transport.handle_async_request(request)
+        chunks: list[bytes] = []
+        size = 0
         try:
-            await response.aread()
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    return response, None
+                chunks.append(chunk)
         finally:
             await response.aclose()
-        return response
+        return response, b"".join(chunks)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         # tenacity counts from the second attempt overall (the first ran before it, in _call).
@@ -318,8 +331,15 @@ class AuthnClient:
         return env.result
 
 
-def _classify(response: httpx.Response, path: str, header_id: str | None, *, idempotent: bool) -> wire.Envelope:
-    """The envelope of a response that Pangea answers for itself; failures raised by class."""
+def _classify(
+    response: httpx.Response, content: bytes | None, path: str, header_id: str | None, *, idempotent: bool
+) -> wire.Envelope:
+    """The envelope of a response that Pangea answers for itself; failures raised by class.
+
+    A body that is too large, or not labelled JSON, is not Pangea's answer whatever it holds: a
+    proxy's page, or Pangea's words relabelled by something we cannot trust. It is a protocol
+    error, never a verdict (and a refresh behind it stays ``uncertain``: worker.engine).
+    """
     code = response.status_code
     if code == 429:
         raise errors.AuthnRateLimited(
@@ -335,7 +355,18 @@ def _classify(response: httpx.Response, path: str, header_id: str | None, *, ide
     if code >= 500:
         cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
         raise cls(f"{path}: HTTP {code}", path=path, request_id=header_id)
-    env = wire.parse_envelope(response.content, path=path, header_request_id=header_id)
+    if content is None:
+        raise errors.AuthnProtocolError(
+            f"{path}: answer larger than {MAX_RESPONSE_BYTES} bytes", path=path, request_id=header_id
+        )
+    media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise errors.AuthnProtocolError(
+            f"{path}: answer labelled {media_type or 'nothing'!r}, not application/json",
+            path=path,
+            request_id=header_id,
+        )
+    env = wire.parse_envelope(content, path=path, header_request_id=header_id)
     if env.status == "TooManyRequests":
         retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
         raise errors.AuthnRateLimited(

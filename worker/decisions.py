@@ -18,6 +18,10 @@ The table (also in the README)::
     no answer for longer than       fail-open (default): keep, flagged stale for the app;
       max_unverified                  fail-closed: revoke (unverifiable)
     refresh: answer lost            keep, mark uncertain, re-check the active token soon
+    before refreshing an uncertain  ask Pangea which active token the session carries now: ours
+      session                         (the refresh never happened): refresh; another, or none
+                                      (spent, or the session ended): never send that refresh
+                                      token again; keep while the active token lives
     no answer (5xx, timeout, 429,   keep; count the failure; retry after a backoff with full jitter
       malformed body)                 (at least Retry-After)
     Unauthorized (our token)        stop the sweep; change nothing
@@ -240,6 +244,40 @@ def after_refresh(facts: SessionFacts, answer: Answer, now: datetime, policy: Po
     if answer.failure is Failure.OUTCOME_UNKNOWN and not (policy.fail_closed and is_stale(facts, now, policy)):
         wait = max(policy.refresh_cooloff, timedelta(seconds=answer.retry_after or 0))
         return Decision(action=Action.KEEP, next_check_at=now + wait, failures=facts.failures + 1, uncertain=True)
+    return _no_answer(facts, answer, now, policy, rng)
+
+
+class Settled(enum.StrEnum):
+    """What Pangea's session list says about a refresh whose outcome we never learned."""
+
+    #: The session still carries our active token: the refresh never happened, the token is unspent.
+    UNSPENT = "unspent"
+    #: It carries another active token, or is gone: our refresh token is spent (or dead).
+    SPENT = "spent"
+
+
+def after_settling(
+    facts: SessionFacts, settled: Settled | None, answer: Answer, now: datetime, policy: Policy, rng: random.Random
+) -> Decision:
+    """The decision for an ``uncertain`` session before its refresh token is sent again.
+
+    A refresh token is one-time use: sending a spent one again is what Pangea (like any OAuth
+    server) may treat as token theft. So an uncertain refresh is settled first, from the session
+    list (``settled``; None when the list gave no answer, then ``answer`` says why).
+    """
+    if settled is Settled.UNSPENT:
+        return Decision(action=Action.REFRESH)
+    if settled is Settled.SPENT:
+        if facts.active_expires_at > now:
+            # The tokens the refresh minted never reached us; the active one we hold still works
+            # until it lapses. Keep the session that long, checking it as usual.
+            return Decision(
+                action=Action.KEEP,
+                next_check_at=max(min(now + policy.check_interval, facts.active_expires_at), now + MIN_RECHECK),
+                uncertain=True,
+                drop_refresh_token=True,
+            )
+        return Decision(action=Action.REVOKE, reason="refresh_lost")
     return _no_answer(facts, answer, now, policy, rng)
 
 

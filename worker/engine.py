@@ -351,6 +351,23 @@ class SyncEngine:
     # --- refresh ------------------------------------------------------------------------------
 
     async def _refresh_all(self, work: list[_Work], *, confirm_revocations: bool) -> Counts:
+        outcome = _Outcome()
+        unsure = [w for w in work if w.session.uncertain and w.refresh_token is not None]
+        if unsure:
+            # An earlier refresh of these may have happened unseen: settle that before the refresh
+            # token is sent again, so no refresh token is ever presented twice.
+            settled = await self._settle(unsure)
+            now = self._clock()
+            for w in unsure:
+                verdict, answer = settled[w.session.id]
+                decision = decisions.after_settling(w.facts, verdict, answer, now, self._policy, self._rng)
+                if decision.action is Action.STOP:
+                    raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
+                if decision.action is not Action.REFRESH:
+                    named = verdict.value if verdict is not None else None
+                    outcome.add(w, decision, answer, checked=verdict is not None, outcome=named)
+            work = [w for w in work if w.session.id not in outcome.decided]
+        settled_only = len(outcome.decided)
         now = self._clock()
         sessions = [w.session for w in work]
         taken = await self._in_transaction(
@@ -359,7 +376,7 @@ class SyncEngine:
         work = [w for w in work if w.session.id in taken]
         results = await asyncio.gather(*(self._refresh_one(w) for w in work))
         now = self._clock()
-        outcome = _Outcome(versions=taken)
+        outcome.versions = taken
         stored: list[dict[str, object]] = []
         stopped = False
         for w, (answer, creds) in zip(work, results, strict=True):
@@ -387,7 +404,8 @@ class SyncEngine:
 
         def write(db: orm.Session) -> None:
             queries.store_refreshed(db, stored, now=now)
-            self._hold_if_mass_revocation(db, outcome, checked=len(work), now=now, bypass=confirm_revocations)
+            checked = len(work) + settled_only
+            self._hold_if_mass_revocation(db, outcome, checked=checked, now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
 
         await self._in_transaction(write)
@@ -396,6 +414,35 @@ class SyncEngine:
         counts = outcome.counts
         counts.refreshed += len(stored)
         return counts
+
+    async def _settle(self, unsure: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
+        """Whether each session still carries our active token at Pangea (see decisions.after_settling)."""
+        if self._bulk:
+            try:
+                await self._limiter.acquire()
+                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in unsure])
+            except errors.AuthnError as exc:
+                return {w.session.id: (None, _failed(exc)) for w in unsure}
+            return {w.session.id: _settled(found.get(w.session.active_token_id)) for w in unsure}
+        answers = await asyncio.gather(*(self._guarded_settle(w) for w in unsure))
+        return dict(zip((w.session.id for w in unsure), answers, strict=True))
+
+    async def _guarded_settle(self, w: _Work) -> tuple[decisions.Settled | None, Answer]:
+        """Settle one session with the user's own token (a client token cannot list the project's)."""
+        async with self._semaphore:
+            await self._limiter.acquire()
+            try:
+                page = await self._client.client_session_list(
+                    w.active_token, filter={"active_token_id": w.session.active_token_id}
+                )
+            except errors.AuthnRequestRejected as exc:
+                if exc.status == "InvalidToken":  # Pangea no longer knows our active token at all
+                    return decisions.Settled.SPENT, Answer(request_id=exc.request_id)
+                return None, _failed(exc)
+            except errors.AuthnError as exc:
+                return None, _failed(exc)
+        mine = next((s for s in page.sessions if s.active_token is not None), None)
+        return _settled(mine)
 
     async def _refresh_one(self, w: _Work) -> tuple[Answer, wire.SessionCreds | None]:
         assert w.refresh_token is not None
@@ -435,27 +482,34 @@ class _Outcome:
     """Decisions of one batch, gathered so each kind is written in one statement."""
 
     def __init__(self, versions: dict[int, int] | None = None) -> None:
-        self._versions = versions
+        #: Row versions after begin_refresh; rows not in it are guarded by their claimed version.
+        self.versions = versions or {}
+        #: Sessions decided here (kept, revoked or held), by id.
+        self.decided: set[int] = set()
         self.keep: list[dict[str, object]] = []
-        self.revocations: list[tuple[_Work, decisions.Decision, Answer]] = []
+        self.revocations: list[tuple[_Work, decisions.Decision, Answer, str | None]] = []
         self.dropped: list[int] = []
         self.events: list[audit.Event] = []
         self.counts = Counts()
 
     def _guard(self, w: _Work) -> dict[str, object]:
-        version = self._versions[w.session.id] if self._versions is not None else w.session.version
+        version = self.versions.get(w.session.id, w.session.version)
         return {"b_id": w.session.id, "b_claim": w.session.claim_token, "b_version": version}
 
-    def add(self, w: _Work, decision: decisions.Decision, answer: Answer, *, checked: bool) -> None:
+    def add(
+        self, w: _Work, decision: decisions.Decision, answer: Answer, *, checked: bool, outcome: str | None = None
+    ) -> None:
+        """Record one decision; ``outcome`` names what Pangea said when it was no verdict (audit trail)."""
+        self.decided.add(w.session.id)
         if decision.action is Action.REVOKE:
-            self.revocations.append((w, decision, answer))
+            self.revocations.append((w, decision, answer, outcome))
             return
         self._keep(w, decision, checked=checked)
         if decision.failures:
             self.counts.failed += 1
         else:
             self.counts.kept += 1
-        self.events.append(audit.Event.of(w.session.id, decision, answer))
+        self.events.append(audit.Event.of(w.session.id, decision, answer, outcome=outcome))
 
     def _keep(self, w: _Work, decision: decisions.Decision, *, checked: bool) -> None:
         self.keep.append(
@@ -473,7 +527,7 @@ class _Outcome:
 
     def hold(self, *, next_check_at: datetime) -> None:
         """The guard tripped: keep every session this batch would have revoked, and re-check it later."""
-        for w, decision, answer in self.revocations:
+        for w, decision, answer, _ in self.revocations:
             kept = decisions.Decision(
                 action=Action.KEEP,
                 next_check_at=next_check_at,
@@ -498,16 +552,23 @@ class _Outcome:
 
     def apply(self, db: orm.Session, now: datetime) -> None:
         revoke = []
-        for w, decision, answer in self.revocations:
+        for w, decision, answer, outcome in self.revocations:
             reason = decision.reason or "invalid_token"
             revoke.append(self._guard(w) | {"reason": reason})
             self.counts.revoked += 1
             self.counts.reasons[reason] += 1
-            self.events.append(audit.Event.of(w.session.id, decision, answer))
+            self.events.append(audit.Event.of(w.session.id, decision, answer, outcome=outcome))
         queries.record_checks(db, self.keep, now=now)
         queries.revoke(db, revoke, now=now)
         queries.drop_refresh_tokens(db, self.dropped)
         audit.record(db, self.events, now=now)
+
+
+def _settled(item: wire.SessionItem | None) -> tuple[decisions.Settled, Answer]:
+    """The list's word on one uncertain session: its item if it still carries our active token."""
+    if item is None or item.active_token is None:
+        return decisions.Settled.SPENT, Answer()
+    return decisions.Settled.UNSPENT, Answer(verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire)
 
 
 def _failed(exc: errors.AuthnError) -> Answer:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningEmulator, http_post
-from worker.emulator import EmulatorAdminError
+from worker.emulator import EmulatorAdminError, faults
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,7 +195,7 @@ def test_the_admin_surface_is_never_faulted(emu: RunningEmulator) -> None:
     code = emu.admin.login("ada@example.com")
     stats = emu.admin.stats()
 
-    assert code.startswith("pmc_") and stats == {"requests": {}}
+    assert code.startswith("pmc_") and stats == {"requests": {}, "refresh_reused": 0}
     assert time.monotonic() - started < 0.3
 
 
@@ -248,7 +248,8 @@ def test_stats_count_every_api_request_by_path_and_status(emu: RunningEmulator) 
             CHECK: {"200": 1, "400": 2, "401": 1},
             "/v2/user/list": {"404": 1},
             "/v2/client/jwks": {"429": 1},
-        }
+        },
+        "refresh_reused": 0,
     }
 
 
@@ -262,7 +263,7 @@ def test_reset_forgets_sessions_codes_counters_and_faults(emu: RunningEmulator) 
     emu.admin.reset()
 
     # Then none of them is left
-    assert emu.admin.stats() == {"requests": {}}
+    assert emu.admin.stats() == {"requests": {}, "refresh_reused": 0}
     assert http_post(emu.base_url, "/v2/client/jwks", emu.service_token, {}).status_code == 200
     token = http_post(emu.base_url, CHECK, emu.service_token, {"token": creds["active_token"]["token"]})
     userinfo = http_post(emu.base_url, "/v2/client/userinfo", emu.service_token, {"code": code})
@@ -291,3 +292,61 @@ def test_admin_login_refuses_bad_bodies(emu: RunningEmulator, body: dict[str, An
 def test_unknown_admin_endpoint_is_404(emu: RunningEmulator) -> None:
     assert httpx.post(f"{emu.base_url}/emulator/nope", json={}).status_code == 404
     assert httpx.get(f"{emu.base_url}/emulator/login").status_code == 404
+
+
+def test_not_json_is_a_200_labelled_json_that_performs_nothing(emu: RunningEmulator) -> None:
+    code = emu.admin.login("ada@example.com")
+    emu.admin.faults(error="NotJson")
+
+    response = http_post(emu.base_url, "/v2/client/userinfo", emu.service_token, {"code": code})
+
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    with pytest.raises(ValueError):
+        response.json()
+    emu.admin.clear_faults()
+    assert http_post(emu.base_url, "/v2/client/userinfo", emu.service_token, {"code": code}).status_code == 200
+
+
+def test_huge_is_a_well_formed_envelope_far_larger_than_any_answer(emu: RunningEmulator) -> None:
+    emu.admin.faults(error="Huge", paths=[CHECK])
+
+    response = check(emu, timeout=30)
+
+    assert response.status_code == 200 and len(response.content) == faults.HUGE_BYTES
+    body = response.json()
+    assert body["status"] == "Success" and len(body["result"]["padding"]) > faults.HUGE_BYTES - 200
+
+
+def test_wrong_content_type_performs_the_request_and_mislabels_the_answer(emu: RunningEmulator) -> None:
+    # Given a session, and a proxy that labels Pangea's answers as HTML
+    creds = log_in(emu)
+    emu.admin.faults(error="WrongContentType", paths=[REFRESH])
+
+    # When the session is refreshed
+    response = http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": creds["refresh_token"]["token"]})
+
+    # Then the body is Pangea's envelope under a text/html label, and the refresh happened
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.json()["status"] == "Success"
+    emu.admin.clear_faults()
+    again = http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": creds["refresh_token"]["token"]})
+    assert again.json()["status"] == "InvalidToken"
+
+
+def test_stats_count_spent_refresh_tokens_presented_again(emu: RunningEmulator) -> None:
+    # Given a session refreshed once
+    creds = log_in(emu)
+    spent = creds["refresh_token"]["token"]
+    fresh = http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": spent}).json()["result"]
+    assert emu.admin.stats()["refresh_reused"] == 0
+
+    # When the spent refresh token is presented again, and an unknown one once
+    for token in (spent, "ptr_" + "b" * 32, spent):
+        assert http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": token}).status_code == 400
+
+    # Then only the spent one counts as reuse, and the fresh token still works
+    assert emu.admin.stats()["refresh_reused"] == 2
+    ok = http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": fresh["refresh_token"]["token"]})
+    assert ok.status_code == 200
+    emu.admin.reset()
+    assert emu.admin.stats()["refresh_reused"] == 0

@@ -193,6 +193,31 @@ async def test_malformed_body_is_a_protocol_error(emu: RunningEmulator) -> None:
             await c.check_token("ptu_" + "a" * 32)
 
 
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("NotJson", "not JSON"),
+        ("WrongContentType", "labelled 'text/html', not application/json"),
+        ("Huge", f"larger than {authn.MAX_RESPONSE_BYTES} bytes"),
+    ],
+)
+async def test_what_is_not_plainly_pangeas_answer_is_a_protocol_error(
+    emu: RunningEmulator, fault: str, problem: str
+) -> None:
+    # Given a session Pangea knows, behind a proxy that garbles, relabels or bloats answers
+    async with client_for(emu) as c:
+        creds = await login(c, emu, "garbled@example.com")
+        emu.admin.faults(error=fault, paths=["/v2/client/token/check"])
+
+        # When its token is checked, the answer is no verdict at all, and it says why
+        with pytest.raises(errors.AuthnProtocolError, match=problem):
+            await c.check_token(creds.active_token.token or "")
+
+        # Then once the proxy behaves, the same client gets Pangea's verdict
+        emu.admin.clear_faults()
+        assert (await c.check_token(creds.active_token.token or "")).verdict is wire.Verdict.VALID
+
+
 async def test_timeout_is_unavailable(emu: RunningEmulator) -> None:
     emu.admin.faults(error_rate=1.0, error="Timeout")
     async with client_for(emu, timeout=0.3, retries=1) as c:
@@ -253,7 +278,7 @@ async def test_no_failure_message_carries_a_token(client: authn.AuthnClient, emu
         lambda c: c.check_token(creds.active_token.token or ""),
         lambda c: c.refresh(creds.refresh_token.token or ""),
     ]
-    for fault in ("InternalError", "TooManyRequests", "Malformed", "Dropped"):
+    for fault in ("InternalError", "TooManyRequests", "Malformed", "Dropped", "NotJson", "WrongContentType"):
         emu.admin.faults(error_rate=1.0, error=fault, retry_after=60)
         async with client_for(emu, retries=0) as c:
             for call in calls:
@@ -266,4 +291,4 @@ async def test_no_failure_message_carries_a_token(client: authn.AuthnClient, emu
     for exc in caught:
         text = f"{exc} {exc!r} {pickle.dumps(exc)!r}"
         assert not any(s and s in text for s in secrets), type(exc).__name__
-    assert len(caught) == 8
+    assert len(caught) == 12

@@ -116,15 +116,39 @@ def test_lost_refresh_answer_never_revokes(make_runtime: Any, emu: RunningEmulat
     # Then the session is kept, marked uncertain, not revoked
     assert counts.revoked == 0
     assert row(rt, sid).state is models.SessionState.ACTIVE and row(rt, sid).uncertain
-    # When the fault heals and the worker tries again with the refresh token Pangea already spent
+    # When the fault heals and the worker looks at the session again
     emu.admin.clear_faults()
     counts = rt.run(rt.engine.resync(session_ids=[sid]))
-    # Then the session still is not revoked: its active token lives, the spent refresh token is forgotten
+    # Then it learns from the session list that the refresh happened, and never sends the spent
+    # refresh token again; the session is not revoked while its active token lives
     assert counts.revoked == 0
     r = row(rt, sid)
     assert r.state is models.SessionState.ACTIVE and r.refresh_token_enc is None and r.uncertain
     assert rt.run(rt.client.check_token(token)).verdict is wire.Verdict.VALID
-    assert requests(emu, "/v2/client/session/refresh") == 2
+    assert requests(emu, "/v2/client/session/refresh") == 1
+    assert emu.admin.stats()["refresh_reused"] == 0
+
+
+@pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
+def test_a_refresh_that_never_happened_is_settled_and_retried(
+    make_runtime: Any, emu: RunningEmulator, revalidation: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION=revalidation)
+    sid = login(rt, emu, "retry@example.com", active_ttl=8)
+    time.sleep(5.2)  # inside the refresh margin
+    # Given a refresh that failed before Pangea performed it (the row stays uncertain)
+    emu.admin.faults(error_rate=1.0, error="InternalError", paths=["/v2/client/session/refresh"])
+    rt.run(rt.engine.resync(session_ids=[sid]))
+    assert row(rt, sid).uncertain and row(rt, sid).refresh_token_enc is not None
+    # When the fault heals and the worker looks again
+    emu.admin.clear_faults()
+    counts = rt.run(rt.engine.resync(session_ids=[sid]))
+    # Then the list shows our active token is still current, so the refresh goes ahead once
+    assert counts.refreshed == 1 and counts.revoked == 0
+    r = row(rt, sid)
+    assert not r.uncertain and r.refresh_token_enc is not None
+    assert rt.run(rt.client.check_token(active_token(rt, sid))).verdict is wire.Verdict.VALID
+    assert emu.admin.stats()["refresh_reused"] == 0
 
 
 def test_two_claimers_never_take_the_same_row(make_runtime: Any, emu: RunningEmulator, db_url: str) -> None:

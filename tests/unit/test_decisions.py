@@ -87,6 +87,32 @@ def test_spent_refresh_token_after_a_lost_refresh_is_forgotten_not_revoked() -> 
     assert decision.next_check_at <= NOW + timedelta(hours=1)
 
 
+@pytest.mark.parametrize(
+    ("session", "settled", "answer", "action", "drops"),
+    [
+        # The list still shows our active token: the refresh never happened, send it now
+        (facts(uncertain=True), d.Settled.UNSPENT, valid(NOW + timedelta(hours=1)), d.Action.REFRESH, False),
+        # Another token, or no session: the refresh token is spent; keep while our active token lives
+        (facts(uncertain=True), d.Settled.SPENT, d.Answer(), d.Action.KEEP, True),
+        # ... and once it has lapsed there is nothing left to keep the session on
+        (facts(uncertain=True, active_expires_at=NOW), d.Settled.SPENT, d.Answer(), d.Action.REVOKE, False),
+        # No answer from the list: back off, refresh nothing, revoke nothing
+        (facts(uncertain=True), None, d.Answer.failed(d.Failure.UNAVAILABLE), d.Action.KEEP, False),
+        (facts(uncertain=True), None, d.Answer.failed(d.Failure.REJECTED_US), d.Action.STOP, False),
+    ],
+)
+def test_an_uncertain_refresh_is_settled_before_its_token_is_sent_again(
+    session: d.SessionFacts, settled: d.Settled | None, answer: d.Answer, action: d.Action, drops: bool
+) -> None:
+    decision = d.after_settling(session, settled, answer, NOW, POLICY, random.Random(1))
+    assert decision.action is action and decision.drop_refresh_token is drops
+    if action is d.Action.KEEP:
+        assert decision.next_check_at is not None and decision.next_check_at <= session.active_expires_at
+        assert decision.uncertain
+    if action is d.Action.REVOKE:
+        assert decision.reason == "refresh_lost"
+
+
 def test_sessions_minted_together_refresh_apart() -> None:
     # Given a thousand sessions with the same expiry, when each plans its refresh
     rng = random.Random(7)

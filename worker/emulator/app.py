@@ -38,6 +38,10 @@ Send = Callable[[Message], Awaitable[None]]
 MAX_BODY = 1 << 20
 #: What a ``Malformed`` fault answers with HTTP 200: a proxy's page, not Pangea's envelope.
 MALFORMED_BODY = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"
+#: What a ``NotJson`` fault answers with HTTP 200, labelled JSON: a proxy's words, not Pangea's.
+NOT_JSON_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+#: How a ``Huge`` answer is sent: this many bytes per ASGI message.
+HUGE_CHUNK = 1 << 20
 _JSON = (b"content-type", b"application/json")
 
 
@@ -63,7 +67,10 @@ class Emulator:
             ("POST", "/emulator/seed"): self._seed,
             ("POST", "/emulator/faults"): self._set_faults,
             ("GET", "/emulator/faults"): lambda _: (200, self.faults.to_json()),
-            ("GET", "/emulator/stats"): lambda _: (200, {"requests": self.stats}),
+            ("GET", "/emulator/stats"): lambda _: (
+                200,
+                {"requests": self.stats, "refresh_reused": self.ctx.store.refresh_reused},
+            ),
             ("POST", "/emulator/reset"): self._reset,
         }
 
@@ -92,6 +99,14 @@ class Emulator:
             self._count(path, 200)
             await _send(send, 200, MALFORMED_BODY, [(b"content-type", b"text/html"), (b"x-request-id", rid.encode())])
             return
+        if fault == "NotJson":
+            self._count(path, 200)
+            await _send(send, 200, NOT_JSON_BODY, [_JSON, (b"x-request-id", rid.encode())])
+            return
+        if fault == "Huge":
+            self._count(path, 200)
+            await _send_huge(send, rid)
+            return
         if fault == "Timeout":
             self._count(path, 504)
             if await self._hold(receive):
@@ -110,7 +125,8 @@ class Emulator:
             await send({"type": "http.response.start", "status": answer.http, "headers": headers})
             await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
             return  # the server closes the connection: the client sees a truncated answer
-        await self._send_answer(send, rid, request_time, answer)
+        content_type = b"text/html; charset=utf-8" if fault == "WrongContentType" else None
+        await self._send_answer(send, rid, request_time, answer, content_type=content_type)
 
     def _answer(self, scope: Scope, path: str, raw: bytes | None, now: float) -> wire.Answer:
         if path not in handlers.ROUTES or scope["method"] != "POST":
@@ -137,9 +153,11 @@ class Emulator:
                 return not service_only and hmac.compare_digest(token, self.ctx.client_token.encode())
         return False
 
-    async def _send_answer(self, send: Send, rid: str, request_time: float, answer: wire.Answer) -> None:
+    async def _send_answer(
+        self, send: Send, rid: str, request_time: float, answer: wire.Answer, *, content_type: bytes | None = None
+    ) -> None:
         body = wire.envelope(rid, request_time, answer, time.time())
-        headers = [_JSON, (b"x-request-id", rid.encode())]
+        headers = [(b"content-type", content_type) if content_type else _JSON, (b"x-request-id", rid.encode())]
         if answer.http == 429:
             headers.append((b"retry-after", str(math.ceil(self.faults.retry_after)).encode()))
         await _send(send, answer.http, body, headers)
@@ -283,6 +301,22 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_huge(send: Send, rid: str) -> None:
+    """A well-formed Success envelope of faults.HUGE_BYTES, sent a chunk at a time."""
+    head = b'{"request_id":"' + rid.encode() + b'","status":"Success","summary":"","result":{"padding":"'
+    tail = b'"}}'
+    padding = faults.HUGE_BYTES - len(head) - len(tail)
+    headers = [_JSON, (b"x-request-id", rid.encode()), (b"content-length", str(faults.HUGE_BYTES).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": head, "more_body": True})
+    chunk = b"x" * HUGE_CHUNK
+    while padding > 0:
+        piece = chunk if padding >= HUGE_CHUNK else chunk[:padding]
+        padding -= len(piece)
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": tail})
 
 
 async def _lifespan(receive: Receive, send: Send, *, on_shutdown: Callable[[], None]) -> None:

@@ -10,6 +10,12 @@ happens instead of (or, for ``Dropped``, after) the real answer:
 - ``Timeout``: no answer for :data:`HOLD_SECONDS` (released early when the client hangs up, or on
   reset); nothing performed.
 - ``Dropped``: the request *is performed*, then the connection is cut part-way through the answer.
+- ``NotJson``: HTTP 200 labelled ``application/json`` whose body is a proxy's plain-text error;
+  nothing performed.
+- ``Huge``: HTTP 200, a well-formed envelope of :data:`HUGE_BYTES` (padding in ``result``), far
+  larger than any real answer; nothing performed.
+- ``WrongContentType``: the request *is performed* and its real envelope sent, labelled
+  ``text/html`` as a misconfigured proxy would.
 
 ``error`` alone means ``error_rate`` 1; ``error_rate`` alone means ``InternalError``. ``paths``
 limits faults to those API paths. Faults never touch ``/emulator/*``.
@@ -23,7 +29,18 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The fault kinds ``error`` may name.
-KINDS = ("InternalError", "TooManyRequests", "Malformed", "Timeout", "Dropped")
+KINDS = (
+    "InternalError",
+    "TooManyRequests",
+    "Malformed",
+    "Timeout",
+    "Dropped",
+    "NotJson",
+    "Huge",
+    "WrongContentType",
+)
+#: Size of a ``Huge`` answer's body in bytes.
+HUGE_BYTES = 32 << 20
 #: How long a ``Timeout`` fault holds a request: far longer than any sane client timeout.
 HOLD_SECONDS = 60.0
 #: Retry-After sent with ``TooManyRequests`` when the fault names none, in seconds.

@@ -147,6 +147,9 @@ class Store:
         self.codes: dict[str, Code] = {}
         self._code_queue: deque[tuple[float, str]] = deque()  # all codes share one TTL: FIFO = expiry order
         self._expiry: list[tuple[float, str]] = []  # heap of (refresh expiry, session id); stale entries skipped
+        #: Refresh tokens spent by a rotation, and how often one was presented again (must stay 0).
+        self.spent: set[str] = set()
+        self.refresh_reused = 0
 
     # --- login ---------------------------------------------------------------------------------
 
@@ -234,6 +237,8 @@ class Store:
         session's own expired active token.
         """
         self.purge(now)
+        if secret in self.spent:
+            self.refresh_reused += 1
         token = self.lookup(secret, now)
         if token.type != "session":
             raise Rejected(INVALID)
@@ -243,6 +248,7 @@ class Store:
             if other is not None and other.session is not session:
                 raise Rejected(INVALID)
         del self.by_secret[secret]
+        self.spent.add(secret)
         self._mint_refresh(session, now)
         self._mint_active(session, now)
         return session
