@@ -86,6 +86,9 @@ class Policy:
             check_interval=settings.check_interval,
             refresh_margin_floor=settings.refresh_margin_floor,
             refresh_margin_fraction=settings.refresh_margin_fraction,
+            backoff_base=settings.backoff,
+            backoff_cap=settings.backoff_cap,
+            refresh_cooloff=settings.backoff * 2,
             max_unverified=settings.max_unverified,
             fail_closed=settings.stale_policy == "revoke",
         )
@@ -244,7 +247,16 @@ def after_refresh(facts: SessionFacts, answer: Answer, now: datetime, policy: Po
     if answer.failure is Failure.OUTCOME_UNKNOWN and not (policy.fail_closed and is_stale(facts, now, policy)):
         wait = max(policy.refresh_cooloff, timedelta(seconds=answer.retry_after or 0))
         return Decision(action=Action.KEEP, next_check_at=now + wait, failures=facts.failures + 1, uncertain=True)
-    return _no_answer(facts, answer, now, policy, rng)
+    decision = _no_answer(facts, answer, now, policy, rng)
+    if decision.action is Action.KEEP and answer.failure not in _REFUSED:
+        # A 5xx or an answer we could not read may stand in front of a refresh Pangea performed:
+        # the refresh token may be spent, so it is settled before it is sent again.
+        return replace(decision, uncertain=True)
+    return decision
+
+
+#: Failures that prove Pangea performed nothing: it refused the call before acting on it.
+_REFUSED = frozenset({Failure.RATE_LIMITED, Failure.REJECTED_US})
 
 
 class Settled(enum.StrEnum):

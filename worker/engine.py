@@ -163,8 +163,9 @@ class SyncEngine:
         user_id: str | None = None,
         session_ids: Sequence[int] | None = None,
         confirm_revocations: bool = False,
+        due_by: datetime | None = None,
     ) -> Counts:
-        """Claim one batch of due sessions and bring each in line with Pangea."""
+        """Claim one batch of sessions due (by ``due_by``, default now) and bring each in line with Pangea."""
         claim_token = secrets.token_hex(16)
         now = self._clock()
         claimed = await self._in_transaction(
@@ -176,6 +177,7 @@ class SyncEngine:
                 claim_token=claim_token,
                 user_id=user_id,
                 session_ids=session_ids,
+                due_by=due_by,
             )
         )
         if not claimed:
@@ -200,16 +202,22 @@ class SyncEngine:
         ``batches_in_flight`` batches run at once, each with its own claim, so one batch's database
         work and its last slow answers overlap the next one's requests. After a failure no lane
         starts another batch, but none is cut short either (a refresh in flight is never abandoned);
-        then the first failure is raised as it is.
+        then the first failure is raised as it is. Only sessions due when the drain starts are
+        taken: under a storm of failures, sessions backing off become due again within seconds, and
+        a drain that chased them would never end.
         """
         total = Counts()
         failed: list[Exception] = []
+        due_by = self._clock()
 
         async def lane() -> None:
             while not failed:
                 try:
                     counts = await self.process_batch(
-                        user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations
+                        user_id=user_id,
+                        session_ids=session_ids,
+                        confirm_revocations=confirm_revocations,
+                        due_by=due_by,
                     )
                 except Exception as exc:
                     failed.append(exc)

@@ -119,10 +119,12 @@ class Delivery:
         concurrency: int,
         lease: timedelta,
         budget: timedelta = DEFAULT_BUDGET,
+        can_invalidate: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
         self._sessions = sessions
+        self._can_invalidate = can_invalidate
         self._client = client
         self._cipher = cipher
         self._limiter = limiter
@@ -204,7 +206,22 @@ class Delivery:
             return await self._client.session_logout(ev.user_id)
         if ev.token_enc is None:
             raise errors.CryptoError("the event holds no token to log out with")
-        return await self._client.client_logout(self._cipher.decrypt(ev.token_enc))
+        ended = await self._client.client_logout(self._cipher.decrypt(ev.token_enc))
+        if ended.verdict is wire.Verdict.VALID or not self._can_invalidate or ev.session_id is None:
+            return ended
+        # ExpiredToken / InvalidToken speak of the token we hold, not of its session: an active token
+        # lapses (a refresh failed, the user logged out just before one) while its session lives on
+        # at Pangea. With a service token, end the session itself, by its id.
+        pangea_id = self._pangea_session_id(ev.session_id)
+        if pangea_id is None:
+            return ended
+        await self._limiter.acquire()
+        return await self._client.session_invalidate(pangea_id)
+
+    def _pangea_session_id(self, session_id: int) -> str | None:
+        with self._sessions() as db:
+            found = db.get(models.LocalSession, session_id)
+            return found.pangea_session_id if found is not None else None
 
     # --- the outcome ---------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ The table (also in the README)::
     ------------------------------------  ------------------------------------------------------------
     Success                               delivered (token erased)
     InvalidToken / ExpiredToken           delivered: the session was already logged out at Pangea
+                                            (with a service token, only once /v2/session/invalidate
+                                            by the session's id confirmed it: a lapsed active token
+                                            does not mean a dead session)
     no answer (5xx, timeout, 429,         retry: attempts + 1, next attempt after an exponential backoff
       malformed body, undecryptable)        with full jitter and a cap, never before Retry-After;
                                             dead once attempts reach max_attempts or the event is

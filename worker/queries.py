@@ -77,14 +77,15 @@ def claim_due_sessions(
     claim_token: str,
     user_id: str | None = None,
     session_ids: Sequence[int] | None = None,
+    due_by: datetime | None = None,
 ) -> list[ClaimedSession]:
-    """Lease up to ``limit`` due active sessions to ``claim_token``, oldest due first.
+    """Lease up to ``limit`` active sessions due by ``due_by`` (default: ``now``), oldest due first.
 
     PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a CTE, so concurrent claimers take disjoint rows
     without waiting (see :func:`worker.db.picked` for why a CTE). SQLite drops ``FOR UPDATE``;
     there the conditional UPDATE itself is the claim, atomic because SQLite runs one writer at a time.
     """
-    due = sa.and_(models.session_is_active(), S.next_check_at <= now, _unclaimed(now))
+    due = sa.and_(models.session_is_active(), S.next_check_at <= (due_by or now), _unclaimed(now))
     if user_id is not None:
         due = sa.and_(due, S.user_id == user_id)
     if session_ids is not None:

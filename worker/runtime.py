@@ -107,6 +107,7 @@ class Runtime:
             batch_size=s.outbox_batch_size,
             concurrency=s.concurrency,
             lease=s.lease,
+            can_invalidate=s.has_service_token,
         )
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:

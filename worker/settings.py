@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
     http_timeout: float = Field(10.0, gt=0, alias="SESSION_SYNC_HTTP_TIMEOUT")
     http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
+    #: First step of the backoff after a session got no answer (doubling, full jitter), and its cap.
+    backoff: Duration = Field(timedelta(seconds=5), alias="SESSION_SYNC_BACKOFF")
+    backoff_cap: Duration = Field(timedelta(minutes=5), alias="SESSION_SYNC_BACKOFF_CAP")
     revalidation: Literal["auto", "bulk", "per_token"] = Field("auto", alias="SESSION_SYNC_REVALIDATION")
     max_batches_per_sweep: int = Field(200, ge=1, alias="SESSION_SYNC_MAX_BATCHES_PER_SWEEP")
     batches_in_flight: int = Field(4, ge=1, le=64, alias="SESSION_SYNC_BATCHES_IN_FLIGHT")
@@ -107,6 +110,13 @@ class Settings(BaseSettings):
             return cls(**values)
         except pydantic.ValidationError as exc:
             raise _config_error(exc) from None
+
+    @field_validator("check_interval", "sweep_period", "lease", "backoff", "backoff_cap")
+    @classmethod
+    def _check_positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a duration above zero, such as 30s or 5m")
+        return value
 
     @field_validator("pangea_base_url")
     @classmethod
@@ -162,16 +172,22 @@ class Settings(BaseSettings):
         return self.pangea_authn_token.get_secret_value()
 
     @property
+    def has_service_token(self) -> bool:
+        """Whether PANGEA_AUTHN_TOKEN is a service token (``pts_``), which may use ``/v2/session/*``."""
+        return self.pangea_authn_token is not None and self.authn_token.startswith("pts_")
+
+    @property
     def bulk_revalidation(self) -> bool:
         """Whether sweeps ask ``/v2/session/list`` in bulk (auto: when the token is a service token)."""
         if self.revalidation == "auto":
-            return self.pangea_authn_token is not None and self.authn_token.startswith("pts_")
+            return self.has_service_token
         return self.revalidation == "bulk"
 
     @property
     def refresh_lease(self) -> timedelta:
-        """How long a refresh holds its session: longer than the refresh call can take (3 timeouts)."""
-        return max(self.lease, timedelta(seconds=self.http_timeout * 3 + 60))
+        """How long a refresh holds its session: the longest the refresh call can take (3 timeouts),
+        plus the ordinary lease as a margin, so no other worker takes the row while it may be in flight."""
+        return self.lease + timedelta(seconds=self.http_timeout * 3)
 
     @property
     def is_sqlite(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -180,6 +181,26 @@ def test_a_session_already_logged_out_at_pangea_counts_as_delivered(make_runtime
     ev = event(rt, eid)
     assert (ev.state, ev.token_enc) == (models.OutboxState.DELIVERED, None)
     assert emu.admin.stats()["requests"][CLIENT_LOGOUT] == {"400": 1}
+
+
+def test_a_lapsed_active_token_does_not_leave_its_session_alive_at_pangea(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    rt = make_runtime()
+    sid = login(rt, emu, "fay@example.com", active_ttl=1)
+    pangea_id = row(rt, sid).pangea_session_id or ""
+    # Given a session whose active token lapsed (its refresh never came) but which Pangea still holds
+    time.sleep(1.3)
+    assert verdict(rt, active_token(rt, sid)) is wire.Verdict.EXPIRED
+    [eid] = log_out(rt, sid)
+    # When the worker delivers the logout
+    counts = deliver(rt)
+    # Then Pangea's ExpiredToken is not taken for "already logged out": the session is ended by id
+    assert (counts.delivered, counts.already) == (1, 0)
+    assert event(rt, eid).state is models.OutboxState.DELIVERED
+    assert emu.admin.stats()["requests"]["/v2/session/invalidate"] == {"200": 1}
+    gone = rt.run(rt.client.session_list(filter={"id": pangea_id}))
+    assert not gone.sessions
 
 
 def test_transient_failures_back_off_and_honor_retry_after(make_runtime: Any, emu: RunningEmulator) -> None:

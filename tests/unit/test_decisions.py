@@ -210,3 +210,17 @@ def test_staleness_revokes_only_when_fail_closed_and_past_the_limit(
                 assert (decision.action, decision.reason) == (d.Action.REVOKE, "unverifiable")
             else:
                 assert decision.action is d.Action.KEEP
+
+
+@pytest.mark.parametrize(
+    ("failure", "uncertain"),
+    [
+        (d.Failure.PROTOCOL, True),  # an answer we could not read may hide a performed refresh
+        (d.Failure.UNAVAILABLE, True),
+        (d.Failure.OUTCOME_UNKNOWN, True),
+        (d.Failure.RATE_LIMITED, False),  # Pangea refused before acting
+    ],
+)
+def test_a_failed_refresh_stays_uncertain_unless_pangea_refused_it(failure: d.Failure, uncertain: bool) -> None:
+    decision = d.after_refresh(facts(), d.Answer.failed(failure), NOW, POLICY, random.Random(1))
+    assert decision.action is d.Action.KEEP and decision.uncertain is uncertain
