@@ -1,0 +1,112 @@
+"""Pangea misbehaving, one way per scenario: the invariants hold, and each prints its figures.
+
+The sync engine and the logout delivery run in this process, as ``session-sync sweep --once`` and
+the outbox task do, against PostgreSQL and the emulator over real HTTP. While the fault is on,
+sessions are ended at Pangea and users log out of the app; then the fault heals, and the run is
+judged by Pangea's state and the database's (``tests/faults/world.py``), not by the worker's word.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningEmulator
+from tests.faults.proxy import ChaosProxy
+from tests.faults.world import World, fault_env, wait_caught_up
+from worker import operations, runtime
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
+
+REFRESH = "/v2/client/session/refresh"
+#: How long each fault lasts: long enough for every session to be checked twice and refreshed once.
+FAULT_SECONDS = 5.0
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "5xx_50pct": {"error": "InternalError", "error_rate": 0.5},
+    "timeouts": {"error": "Timeout", "error_rate": 0.3},
+    "429_storm": {"error": "TooManyRequests", "error_rate": 0.9, "retry_after": 1},
+    "html_body": {"error": "Malformed", "error_rate": 0.5},
+    "not_json": {"error": "NotJson", "error_rate": 0.5},
+    "huge_body": {"error": "Huge", "error_rate": 0.3},
+    "wrong_content_type": {"error": "WrongContentType", "error_rate": 0.5},
+    "dropped_refresh": {"error": "Dropped", "error_rate": 0.5, "paths": [REFRESH]},
+}
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+    """Print a scenario's figures past pytest's capture, so CI logs show them."""
+
+    def show(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n{line}")
+
+    yield show
+
+
+def _step(rt: runtime.Runtime) -> None:
+    """One round of the worker's periodic work: a sweep of what is due, then due logouts."""
+    rt.run(rt.engine.drain())
+    operations.deliver_logouts(rt)
+    time.sleep(0.2)
+
+
+def _through_the_fault(rt: runtime.Runtime, world: World, *, on: Any, off: Any, scenario: str, **notes: Any) -> Any:
+    """Doom and log out during the fault, heal, wait for the worker to catch up; returns the figures."""
+    _step(rt)  # a calm round first: every session checked once
+    world.doom()  # sessions ended at Pangea just as it starts to fail
+    on()
+    world.leave()  # users log out while Pangea fails
+    until = time.monotonic() + FAULT_SECONDS
+    while time.monotonic() < until:
+        _step(rt)
+    off()
+    healed = datetime.now(UTC)
+    recovered = wait_caught_up(world, healed, step=lambda: _step(rt), timeout=40)
+    return world.judge(scenario, recovered_in=recovered, **notes)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_pangea_fault(scenario: str, pg_url: str, emu: RunningEmulator, report: Any) -> None:
+    rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
+    try:
+        world = World(rt, emu, tag=scenario)
+        figures = _through_the_fault(
+            rt,
+            world,
+            on=lambda: emu.admin.faults(**SCENARIOS[scenario]),
+            off=emu.admin.clear_faults,
+            scenario=scenario,
+        )
+    finally:
+        rt.close()
+    report(figures.line())
+    figures.assert_invariants()
+
+
+def test_connection_resets(pg_url: str, emu: RunningEmulator, report: Any) -> None:
+    # Resets before a request reaches Pangea and after Pangea performed it, 30% of requests
+    upstream = int(emu.base_url.rsplit(":", 1)[1])
+    with ChaosProxy(upstream) as proxy:
+        rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, proxy.base_url, emu.service_token)))
+        try:
+            world = World(rt, emu, tag="reset")
+
+            def heal() -> None:
+                proxy.reset_rate = 0.0
+
+            figures = _through_the_fault(
+                rt, world, on=lambda: setattr(proxy, "reset_rate", 0.3), off=heal, scenario="connection_resets"
+            )
+        finally:
+            rt.close()
+        resets = dict(proxy.resets)
+    report(figures.line() + f" resets_before={resets['before']} resets_after={resets['after']}")
+    assert resets["before"] > 0 and resets["after"] > 0  # both kinds happened
+    figures.assert_invariants()
