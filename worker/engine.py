@@ -453,13 +453,19 @@ class SyncEngine:
         return _settled(mine)
 
     async def _refresh_one(self, w: _Work) -> tuple[Answer, wire.SessionCreds | None]:
-        assert w.refresh_token is not None
         async with self._semaphore:
-            await self._limiter.acquire()
             try:
-                result = await self._client.refresh(w.refresh_token, user_token=w.active_token)
+                refresh_token = w.refresh_token
+                assert refresh_token is not None
+                await self._limiter.acquire()
+                result = await self._client.refresh(refresh_token, user_token=w.active_token)
             except errors.AuthnError as exc:
                 return _failed(exc), None
+            except Exception:
+                # One session's trouble (a token that will not decrypt, a bug) must not cost the
+                # others of the batch their refreshed tokens: it stays uncertain and is retried.
+                logger.exception("Refresh of session %s failed", w.session.id, extra={"action": "refresh_error"})
+                return Answer.failed(Failure.UNAVAILABLE), None
         if result.creds is None:
             return Answer(verdict=result.verdict, request_id=result.request_id), None
         expire = result.creds.active_token.expire

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+#: How often a Redis outage is logged while the limiter falls back to its local bucket, in seconds.
+OUTAGE_LOG_EVERY = 60.0
 
 #: Redis key prefix of the shared buckets.
 KEY_PREFIX = "session-sync:ratelimit:"
@@ -71,12 +77,20 @@ class LocalRateLimiter:
 
 
 class RedisRateLimiter:
-    """A token bucket in Redis, shared by every worker that talks to the same Pangea project."""
+    """A token bucket in Redis, shared by every worker that talks to the same Pangea project.
+
+    If Redis cannot be reached, each process falls back to a bucket of its own at the same rate
+    (logged once a minute) instead of failing: a broker outage must not cut short the Pangea
+    calls of a batch already claimed, least of all refreshes whose answers would be lost.
+    """
 
     def __init__(self, redis_url: str, *, project: str, rate: float, burst: float | None = None) -> None:
         import redis.asyncio
 
-        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._redis = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._local = LocalRateLimiter(rate, burst=burst)
+        self._logged_at = 0.0
         self._script = self._redis.register_script(_TAKE)
         # The project (base URL + token) is hashed: the key must not carry the token.
         self._key = KEY_PREFIX + hashlib.sha256(project.encode()).hexdigest()[:16]
@@ -86,10 +100,25 @@ class RedisRateLimiter:
     async def acquire(self) -> None:
         """Take one token from the shared bucket, sleeping as Redis says."""
         while True:
-            wait_ms = int(await self._script(keys=[self._key], args=[self._rate, self._burst, 1]))
+            try:
+                wait_ms = int(await self._script(keys=[self._key], args=[self._rate, self._burst, 1]))
+            except self._errors as exc:
+                self._log_outage(exc)
+                await self._local.acquire()
+                return
             if wait_ms <= 0:
                 return
             await asyncio.sleep(wait_ms / 1000)
+
+    def _log_outage(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= OUTAGE_LOG_EVERY:
+            self._logged_at = now
+            logger.warning(
+                "Rate limit: Redis unreachable (%s); limiting this process on its own meanwhile",
+                type(exc).__name__,
+                extra={"action": "ratelimit_local"},
+            )
 
     async def aclose(self) -> None:
         """Close the Redis connection pool."""

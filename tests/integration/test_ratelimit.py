@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 
+from tests.conftest import free_port
 from worker import ratelimit
 
 
@@ -52,3 +54,24 @@ async def test_projects_have_separate_buckets_and_keys_hide_the_token(redis_url:
     assert len(keys) == 2 and not any(b"secret" in k for k in keys)
     await a.aclose()
     await b.aclose()
+
+
+async def test_without_redis_each_process_limits_itself_instead_of_failing(caplog: pytest.LogCaptureFixture) -> None:
+    # Given the shared bucket's Redis is gone (nothing listens on its port)
+    limiter = ratelimit.RedisRateLimiter(
+        f"redis://127.0.0.1:{free_port()}/0", project="https://authn.example|pts_x", rate=20, burst=5
+    )
+    try:
+        # When a burst of requests asks for tokens
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="worker.ratelimit"):
+            for _ in range(15):
+                await limiter.acquire()
+        took = time.monotonic() - started
+    finally:
+        await limiter.aclose()
+    # Then they are granted at the configured rate by a local bucket (5 at once, then 20 per second)
+    assert 0.4 <= took < 3
+    # ... and the outage is logged once, not per request
+    outages = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    assert len(outages) == 1

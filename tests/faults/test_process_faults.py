@@ -1,0 +1,253 @@
+"""The worker's own world failing: killed mid-sweep and mid-refresh, Redis and PostgreSQL restarted, two beats.
+
+Real ``celery -A worker worker -B`` processes on PostgreSQL and a Redis server of this test's own
+(so restarting it disturbs nothing else), against the emulator over HTTP. As in
+``test_pangea_faults``, sessions are ended at Pangea and users log out while the fault is on, and
+the run is judged by Pangea's state and the database's once the fault is over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.acceptance import harness
+from tests.conftest import RunningEmulator, free_port, require
+from tests.faults.world import Figures, World, fault_env, wait_caught_up
+from worker import models, runtime
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.faults, pytest.mark.slow]
+
+S = models.LocalSession
+WORKER_ARGS = ("-B", "--pool=prefork", "--concurrency=2")
+
+
+class RedisServer:
+    """A ``redis-server`` of our own on a free port, keeping nothing on disk; restartable."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._proc = subprocess.Popen(argv, cwd=self._workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            harness.wait_for(_pings(client), timeout=10, what="redis-server")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> Any:
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    return ping
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (needed to restart Redis)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+class Run:
+    """One scenario: the world, the workers, and the runtime the test judges with."""
+
+    def __init__(self, pg_url: str, emu: RunningEmulator, broker: str, tmp_path: Path, scenario: str) -> None:
+        self.env = fault_env(pg_url, emu.base_url, emu.service_token, CELERY_BROKER_URL=broker) | {
+            "SESSION_SYNC_BATCH_SIZE": "10",
+        }
+        self.scenario = scenario
+        self.tmp_path = tmp_path
+        self.rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
+        self.world = World(self.rt, emu, tag=scenario)
+        self.workers: list[harness.WorkerProcess] = []
+
+    def start_worker(self, name: str) -> harness.WorkerProcess:
+        workdir = self.tmp_path / name  # each beat keeps its own schedule file
+        workdir.mkdir(exist_ok=True)
+        worker = harness.start_worker(self.env, workdir, *WORKER_ARGS, name=name)
+        self.workers.append(worker)
+        return worker
+
+    def wait_calm(self) -> None:
+        """Every session checked at least once: the worker is in its stride."""
+        harness.wait_for(lambda: self.count(S.last_checked_at.is_(None)) == 0, timeout=60, what="a first sweep")
+
+    def count(self, *where: sa.ColumnElement[bool]) -> int:
+        with self.rt.sessions() as db:
+            return int(db.execute(sa.select(sa.func.count()).select_from(S).where(*where)).scalar_one())
+
+    def in_flight(self, *where: sa.ColumnElement[bool]) -> bool:
+        return self.count(S.claimed_until > datetime.now(UTC), S.state == "active", *where) > 0
+
+    def judge(self, healed: datetime, **notes: Any) -> Figures:
+        recovered = wait_caught_up(self.world, healed, step=lambda: time.sleep(0.3), timeout=90)
+        return self.world.judge(self.scenario, recovered_in=recovered, **notes)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill(signal.SIGKILL)
+        self.rt.close()
+
+
+@pytest.fixture
+def run_for(
+    pg_url: str, emu: RunningEmulator, own_redis: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Any]:
+    runs: list[Run] = []
+
+    def make(scenario: str) -> Run:
+        run = Run(pg_url, emu, own_redis.url, tmp_path, scenario)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def report(capsys: pytest.CaptureFixture[str], figures: Figures) -> None:
+    with capsys.disabled():
+        print(f"\n{figures.line()}")
+    figures.assert_invariants()
+
+
+def test_worker_killed_mid_sweep(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_for("sigkill_mid_sweep")
+    worker = run.start_worker("w1")
+    run.wait_calm()
+    # Given slow answers, so batches are in flight when the worker dies
+    emu.admin.faults(latency_ms=400, paths=["/v2/session/list", "/v2/client/token/check"])
+    run.world.doom()
+    run.world.leave()
+    harness.wait_for(run.in_flight, timeout=30, what="a claimed batch")
+    claimed = run.count(S.claimed_until > datetime.now(UTC))
+    worker.kill(signal.SIGKILL)
+    emu.admin.clear_faults()
+    # When another worker starts, it takes the dead worker's rows once their lease lapses
+    run.start_worker("w2")
+    healed = datetime.now(UTC)
+    report(capsys, run.judge(healed, claimed_at_kill=claimed))
+
+
+def test_worker_killed_mid_refresh(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_for("sigkill_mid_refresh")
+    worker = run.start_worker("w1")
+    run.wait_calm()
+    # Given refreshes that take Pangea 1.5 s: some are in flight (marked uncertain) when the worker dies
+    emu.admin.faults(latency_ms=1500, paths=["/v2/client/session/refresh"])
+    run.world.doom()
+    run.world.leave()
+    harness.wait_for(lambda: run.in_flight(S.uncertain.is_(True)), timeout=30, what="a refresh in flight")
+    refreshing = run.count(S.uncertain.is_(True), S.claimed_until > datetime.now(UTC))
+    worker.kill(signal.SIGKILL)
+    # ... and Pangea performs them anyway: their answers are lost with the worker
+    time.sleep(1.6)
+    emu.admin.clear_faults()
+    # When another worker starts, it settles each uncertain refresh before sending any refresh token
+    run.start_worker("w2")
+    healed = datetime.now(UTC)
+    report(capsys, run.judge(healed, refreshing_at_kill=refreshing))
+
+
+def test_redis_restarted(
+    run_for: Any, own_redis: RedisServer, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = run_for("redis_restart")
+    run.start_worker("w1")
+    run.wait_calm()
+    # Given Redis dies (every queued message with it) while sessions die and users log out
+    own_redis.kill()
+    run.world.doom()
+    run.world.leave()
+    time.sleep(3)
+    # When it comes back empty, the worker and its beat reconnect on their own
+    own_redis.start()
+    healed = datetime.now(UTC)
+    report(capsys, run.judge(healed))
+
+
+def _pg_cluster() -> tuple[str, str] | None:
+    """(version, cluster) of the local PostgreSQL managed by pg_ctlcluster, if any."""
+    if shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
+        return None
+    for version in sorted(os.listdir("/etc/postgresql")):
+        if os.path.isdir(f"/etc/postgresql/{version}/main"):
+            return version, "main"
+    return None
+
+
+def _pg_ctl(action: str, cluster: tuple[str, str]) -> None:
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", *cluster, action], check=True, capture_output=True, timeout=60
+    )
+
+
+def test_postgres_restarted(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = _pg_cluster()
+    require(cluster is not None, "pg_ctlcluster is not available to restart PostgreSQL")
+    assert cluster is not None
+    run = run_for("postgres_restart")
+    worker = run.start_worker("w1")
+    run.wait_calm()
+    run.world.doom()
+    run.world.leave()  # committed before the outage: the outbox has them
+    # Given PostgreSQL goes down for three seconds (every pooled connection dies)
+    _pg_ctl("stop", cluster)
+    try:
+        time.sleep(3)
+    finally:
+        _pg_ctl("start", cluster)
+    healed = datetime.now(UTC)
+    # Then the same worker recovers with no manual step: its pools reconnect
+    figures = run.judge(healed)
+    assert worker.proc.poll() is None, "the worker died with the database"
+    # ... after feeling the outage: tasks failed on the dead connections meanwhile
+    felt = worker.output().count("raised unexpected: OperationalError")
+    assert felt > 0, "the worker never noticed the outage"
+    report(capsys, Figures(**{**figures.__dict__, "notes": {"tasks_failed_in_outage": felt}}))
+
+
+def test_two_beats(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_for("two_beats")
+    # Given two workers, each with its own embedded beat firing every sweep
+    workers = [run.start_worker("w1"), run.start_worker("w2")]
+    run.wait_calm()
+    started = datetime.now(UTC)
+    run.world.doom()
+    run.world.leave()
+    figures = run.judge(started)
+    # Then both beats fired, and each sweep slot ran once: the second sweep of a slot was a no-op
+    duplicates = sum(w.output().count("Duplicate sweep skipped") for w in workers)
+    with run.rt.sessions() as db:
+        slots = db.execute(sa.select(sa.func.count()).select_from(models.SweepRun)).scalar_one()
+    assert duplicates > 0, "only one beat fired"
+    report(capsys, Figures(**{**figures.__dict__, "notes": {"sweeps": slots, "duplicate_sweeps": duplicates}}))
