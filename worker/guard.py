@@ -1,4 +1,4 @@
-"""The mass-revocation guard: one wrong setting must not log every user out.
+"""The mass-revocation guard: one wrong setting must not log every user out, nor lose their logouts.
 
 A wrong ``PANGEA_DOMAIN`` or another project's token makes Pangea answer ``InvalidToken`` for every
 session, and a Pangea incident can do the same. If one batch would revoke more than a set share of
@@ -6,13 +6,18 @@ the sessions it checked (and at least a minimum count), the guard trips: those r
 later ones are held (the sessions stay active and are re-checked) until an operator confirms with
 ``session-sync resync --all --confirm-revocations``. The state is one row in ``revocation_guard``,
 shared by every worker.
+
+The same mistake turns every logout into "already logged out" (InvalidToken from the wrong
+project), which the outbox would record as delivered while the sessions live on at the right one.
+So the outbox trips the guard too when a batch's share of such answers is a mass one, and while the
+guard is tripped those answers are held, not taken as deliveries.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,8 +44,22 @@ class Limits:
         return would_revoke >= self.minimum and would_revoke > self.share * max(checked, 1)
 
 
+#: What tripped the guard, as its reason says it (sweeps revoke; the outbox hears "already logged out").
+SESSIONS = "sessions checked in one batch would be revoked"
+LOGOUTS = "logouts in one batch were answered as already logged out (nothing would reach Pangea)"
+#: After an operator confirmed, the outbox does not trip the guard again for this long.
+CONFIRMED_FOR = timedelta(hours=1)
+
+
 def hold_revocations(
-    db: orm.Session, *, checked: int, would_revoke: int, limits: Limits, now: datetime, bypass: bool = False
+    db: orm.Session,
+    *,
+    checked: int,
+    would_revoke: int,
+    limits: Limits,
+    now: datetime,
+    bypass: bool = False,
+    what: str = SESSIONS,
 ) -> bool:
     """True when this batch's revocations must be held (the guard is tripped, or trips now)."""
     if bypass or would_revoke == 0:
@@ -51,7 +70,7 @@ def hold_revocations(
     if not limits.exceeded(checked=checked, would_revoke=would_revoke):
         return False
     reason = (
-        f"{would_revoke} of {checked} sessions checked in one batch would be revoked "
+        f"{would_revoke} of {checked} {what} "
         f"(limit: {limits.share:.0%} and at least {limits.minimum}); check PANGEA_DOMAIN, "
         "PANGEA_AUTHN_TOKEN and Pangea's status, then run: session-sync resync --all --confirm-revocations"
     )
@@ -72,6 +91,12 @@ def clear(db: orm.Session, *, now: datetime) -> bool:
     state.cleared_at = now
     logger.warning("Revocation guard cleared by an operator", extra={"action": "revocation_guard_cleared"})
     return True
+
+
+def confirmed_since(db: orm.Session, since: datetime) -> bool:
+    """True when an operator cleared the guard after ``since`` (and it has not tripped again)."""
+    row = db.get(G, _ROW)
+    return row is not None and row.tripped_at is None and row.cleared_at is not None and row.cleared_at > since
 
 
 def state(db: orm.Session) -> dict[str, Any]:

@@ -75,7 +75,7 @@ CHECK_OUTCOMES = ("kept", "refreshed", "revoked", "held", "failed")
 #: Reasons of ``session_sync_revocations_total`` known today (others appear when they happen).
 REVOCATION_REASONS = ("invalid_token", "expired", "refresh_invalid", "refresh_lost")
 #: Outcomes of ``session_sync_logouts_total`` (the logout outbox's counts).
-LOGOUT_OUTCOMES = ("delivered", "already", "retried", "paused", "dead")
+LOGOUT_OUTCOMES = ("delivered", "already", "retried", "paused", "held", "dead")
 
 
 class _Instruments:
@@ -113,7 +113,8 @@ class _Instruments:
         )
         self.logouts = prometheus_client.Counter(
             "session_sync_logouts",
-            "Logout deliveries to Pangea, by outcome: delivered, already (ended before), retried, paused, dead.",
+            "Logout deliveries to Pangea, by outcome: delivered, already (ended before), retried, paused, "
+            "held (by the mass-revocation guard), dead.",
             ["outcome"],
             registry=registry,
         )

@@ -92,6 +92,9 @@ def resync(
     ``confirm_revocations`` clears a tripped mass-revocation guard and lets this resync revoke.
     """
     ids: Sequence[int] | None = [session_id] if session_id is not None else None
+    if confirm_revocations:  # logouts the guard held go out again now, not after their pause
+        with rt.sessions.begin() as db:
+            outbox_queries.make_held_due(db, now=now())
     counts = rt.engine.resync(user_id=user_id, session_ids=ids, confirm_revocations=confirm_revocations)
     done = rt.run(counts).as_dict()
     metrics.record_counts(done)

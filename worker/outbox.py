@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import event, orm
 
-from worker import audit, authn, crypto, errors, models, ratelimit, wire
+from worker import audit, authn, crypto, errors, guard, models, ratelimit, wire
 from worker import outbox_decisions as od
 from worker import outbox_queries as oq
 from worker.settings import Settings
@@ -61,6 +61,8 @@ class Counts:
     already: int = 0
     retried: int = 0
     paused: int = 0
+    #: "Already logged out" answers held back by the mass-revocation guard (still pending).
+    held: int = 0
     dead: int = 0
     stopped: bool = False
 
@@ -71,6 +73,7 @@ class Counts:
         self.already += other.already
         self.retried += other.retried
         self.paused += other.paused
+        self.held += other.held
         self.dead += other.dead
         self.stopped = self.stopped or other.stopped
 
@@ -82,6 +85,7 @@ class Counts:
             "already": self.already,
             "retried": self.retried,
             "paused": self.paused,
+            "held": self.held,
             "dead": self.dead,
             "stopped": self.stopped,
         }
@@ -120,11 +124,13 @@ class Delivery:
         lease: timedelta,
         budget: timedelta = DEFAULT_BUDGET,
         can_invalidate: bool = False,
+        guard_limits: guard.Limits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
         self._sessions = sessions
         self._can_invalidate = can_invalidate
+        self._guard_limits = guard_limits or guard.Limits()
         self._client = client
         self._cipher = cipher
         self._limiter = limiter
@@ -218,6 +224,21 @@ class Delivery:
         await self._limiter.acquire()
         return await self._client.session_invalidate(pangea_id)
 
+    def _hold_already(self, db: orm.Session, results: list[od.Result], *, now: datetime) -> bool:
+        """Whether this batch's "already logged out" answers must be held (see worker.guard)."""
+        already = sum(r.outcome is od.Outcome.ALREADY for r in results)
+        if not already:
+            return False
+        return guard.hold_revocations(
+            db,
+            checked=len(results),
+            would_revoke=already,
+            limits=self._guard_limits,
+            now=now,
+            bypass=guard.confirmed_since(db, now - guard.CONFIRMED_FOR),
+            what=guard.LOGOUTS,
+        )
+
     def _pangea_session_id(self, session_id: int) -> str | None:
         with self._sessions() as db:
             found = db.get(models.LocalSession, session_id)
@@ -232,10 +253,18 @@ class Delivery:
         later: list[dict[str, object]] = []
         dead: list[dict[str, object]] = []
         trail: list[audit.Event] = []
+        with self._sessions.begin() as db:
+            held = self._hold_already(db, results, now=now)
         for ev, result in zip(claimed, results, strict=True):
             facts = od.EventFacts(attempts=ev.attempts, created_at=ev.queued_at)
             decision = od.decide(facts, result, now, self._policy, self._rng)
-            guard: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": decision.attempts}
+            guard: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": ev.attempts}
+            if held and result.outcome is od.Outcome.ALREADY:
+                # Perhaps the wrong project, not a logged-out user: keep it until an operator confirms.
+                later.append(guard | {"next_attempt_at": now + self._policy.pause, "last_error": oq.HELD_ERROR})
+                counts.held += 1
+                continue
+            guard["attempts"] = decision.attempts
             if decision.action is od.Action.DELIVERED:
                 delivered.append(guard)
                 counts.delivered += 1

@@ -274,6 +274,21 @@ def list_events(
     return [EventView.from_row(row) for row in db.execute(stmt)]
 
 
+#: ``last_error`` of an event whose "already logged out" answer the mass-revocation guard held.
+HELD_ERROR = "held by the mass-revocation guard: Pangea answered 'already logged out'"
+
+
+def make_held_due(db: orm.Session, *, now: datetime) -> int:
+    """An operator confirmed: events the guard held are due again now; returns how many."""
+    stmt = (
+        sa.update(E)
+        .where(E.state == models.OutboxState.PENDING, E.last_error == HELD_ERROR)
+        .values(next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return dbmod.rowcount(db.execute(stmt))
+
+
 def retry_dead(db: orm.Session, *, now: datetime, event_ids: Sequence[int] | None = None) -> list[int]:
     """Put dead letters (all, or these ids) back to pending, due now, with a fresh budget; their ids.
 

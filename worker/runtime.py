@@ -108,6 +108,7 @@ class Runtime:
             concurrency=s.concurrency,
             lease=s.lease,
             can_invalidate=s.has_service_token,
+            guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
         )
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:

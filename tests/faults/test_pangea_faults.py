@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningEmulator
+from tests.conftest import RunningEmulator, _serve_in_thread, free_port
 from tests.faults.proxy import ChaosProxy
 from tests.faults.world import World, fault_env, wait_caught_up
-from worker import operations, runtime
+from worker import emulator, operations, runtime
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
@@ -109,4 +109,40 @@ def test_connection_resets(pg_url: str, emu: RunningEmulator, report: Any) -> No
         resets = dict(proxy.resets)
     report(figures.line() + f" resets_before={resets['before']} resets_after={resets['after']}")
     assert resets["before"] > 0 and resets["after"] > 0  # both kinds happened
+    figures.assert_invariants()
+
+
+def test_wrong_project(pg_url: str, emu: RunningEmulator, report: Any) -> None:
+    # Given the right worker, and the same worker misconfigured for another project (same token)
+    other = emulator.create_app(service_token=emu.service_token, client_token=emu.client_token)
+    server, thread = _serve_in_thread(other, free_port())
+    env = fault_env(pg_url, emu.base_url, emu.service_token, SESSION_SYNC_GUARD_MIN="10")
+    rt = runtime.Runtime(Settings.from_env(env))
+    wrong = runtime.Runtime(Settings.from_env(env | {"PANGEA_BASE_URL": f"http://127.0.0.1:{server.config.port}"}))
+    try:
+        world = World(rt, emu, tag="wrong")
+        _step(rt)
+        # When the wrong setting is deployed, while sessions end at Pangea and users log out
+        world.doom()
+        world.leave()
+        held = 0
+        until = time.monotonic() + FAULT_SECONDS
+        while time.monotonic() < until:
+            held += wrong.run(wrong.engine.drain()).held
+            held += wrong.run(wrong.delivery.drain()).held
+            time.sleep(0.2)
+        tripped = operations.status(rt)["revocation_guard"]["tripped"]
+        # ... then the setting is fixed and the operator confirms what Pangea says
+        healed = datetime.now(UTC)
+        operations.resync(rt, confirm_revocations=True)
+        recovered = wait_caught_up(world, healed, step=lambda: _step(rt), timeout=40)
+        figures = world.judge("wrong_project", recovered_in=recovered, guard_tripped=tripped, held_answers=held)
+    finally:
+        rt.close()
+        wrong.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+    report(figures.line())
+    # Then nothing was revoked or "delivered" to the wrong project, and the guard said so
+    assert tripped is True and held > 0
     figures.assert_invariants()

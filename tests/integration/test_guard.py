@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator, _serve_in_thread, free_port
 from tests.helpers import login, row
-from worker import emulator, guard, models, operations
+from worker import emulator, guard, models, operations, sessions
 
 
 @pytest.fixture
@@ -95,3 +95,33 @@ def test_staleness_policy(make_runtime: Any, emu: RunningEmulator, policy: str, 
     # Then the fresh one is kept either way, and the stale one as the policy says
     assert row(rt, fresh).state is models.SessionState.ACTIVE
     assert (str(row(rt, stale).state), row(rt, stale).end_reason) == (state, reason)
+
+
+def test_logouts_to_the_wrong_project_are_held_not_counted_as_delivered(
+    make_runtime: Any, emu: RunningEmulator, other_project: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_GUARD_MIN="10")
+    ids = [login(rt, emu, f"out{i}@example.com") for i in range(12)]
+    with rt.sessions.begin() as db:
+        for sid in ids:
+            sessions.logout(db, sid, kick=False)
+    # Given a worker pointed at the wrong project, where every logout answers "already logged out"
+    wrong = make_runtime(PANGEA_BASE_URL=other_project, SESSION_SYNC_GUARD_MIN="10")
+
+    # When it delivers
+    counts = wrong.run(wrong.delivery.drain())
+
+    # Then nothing counts as delivered: the guard trips and holds every logout, and says why
+    assert (counts.delivered, counts.held) == (0, 12)
+    guard_state = operations.status(rt)["revocation_guard"]
+    assert guard_state["tripped"] is True and "12 of 12 logouts" in guard_state["reason"]
+    with rt.sessions() as db:
+        states = db.scalars(sa.select(models.LogoutEvent.state)).all()
+    assert set(states) == {models.OutboxState.PENDING}
+
+    # When the operator fixes the setting and confirms, every logout reaches the right project
+    operations.resync(rt, confirm_revocations=True)
+    counts = rt.run(rt.delivery.drain())
+    assert (counts.delivered, counts.already, counts.held) == (12, 0, 0)
+    pangea_ids = [row(rt, sid).pangea_session_id for sid in ids]
+    assert not rt.run(rt.client.session_list(filter={"id__in": pangea_ids})).sessions

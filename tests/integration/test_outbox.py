@@ -143,6 +143,7 @@ def test_delivery_logs_out_at_pangea_and_erases_every_token(make_runtime: Any, e
         "already": 0,
         "retried": 0,
         "paused": 0,
+        "held": 0,
         "dead": 0,
         "stopped": False,
     }
