@@ -34,10 +34,15 @@ def db() -> None:
 @clear_errors
 def db_upgrade(revision: str) -> None:
     """Apply the migrations to DATABASE_URL."""
+    from alembic.util import CommandError
+
     from worker import db as dbmod
 
     settings = _settings()
-    dbmod.upgrade(settings.database_url, revision)
+    try:
+        dbmod.upgrade(settings.database_url, revision)
+    except CommandError as exc:  # e.g. an unknown --revision
+        raise click.ClickException(str(exc)) from None
     click.echo(f"database at revision {dbmod.current_revision(settings.database_url)}")
 
 
@@ -95,10 +100,17 @@ def sweep(once: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--all", "everything", is_flag=True, help="Every active session.")
 @click.option("--user", "user_id", help="Every active session of this Pangea user id (pui_...).")
-@click.option("--session", "session_id", type=int, help="One local session id.")
+@click.option("--session", "session_id", type=cli_support.ROW_ID, help="One local session id.")
 @click.option("--wait", is_flag=True, help="Wait for the worker and print what it did.")
 @click.option("--local", is_flag=True, help="Do it in this process instead of sending it to a worker.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
+@click.option(
+    "--timeout",
+    default=300.0,
+    show_default=True,
+    type=float,
+    callback=cli_support.seconds_up_to(86400),
+    help="Seconds to wait with --wait.",
+)
 @click.option(
     "--confirm-revocations",
     is_flag=True,
@@ -119,17 +131,18 @@ def resync(
     """Re-check sessions against Pangea now, whatever their schedule."""
     if sum((everything, user_id is not None, session_id is not None)) != 1:
         raise click.UsageError("say exactly one of --all, --user ID, --session ID")
-    if local:
-        rt = _runtime()
-        try:
+    rt = _runtime()
+    try:
+        operations.require_known(rt, session_id=session_id, user_id=user_id)  # a typo is an error, not a no-op
+        if local:
             counts = operations.resync(
                 rt, session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations
             )
-        finally:
-            rt.close()
+    finally:
+        rt.close()
+    if local:
         _print_counts(counts, as_json)
         return
-    _settings()
     from celery import exceptions as celery_errors
 
     from worker import tasks
@@ -149,27 +162,34 @@ def resync(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
-@click.option("--session", "session_id", type=int, help="One session's state and audit trail.")
+@click.option("--session", "session_id", type=cli_support.ROW_ID, help="One session's state and audit trail.")
 @clear_errors
 def status(as_json: bool, session_id: int | None) -> None:
     """Sessions by state, due now, outbox backlog and dead letters, the last sweep."""
     rt = _runtime()
     try:
-        report = operations.session_report(rt, session_id) if session_id else operations.status(rt)
+        report = operations.status(rt) if session_id is None else operations.session_report(rt, session_id)
     finally:
         rt.close()
     if report is None:
         raise click.ClickException(f"no session with id {session_id}")
     if as_json:
         _print_json(report)
-    elif session_id:
+    elif session_id is not None:
         _print_session(report)
     else:
         _print_status(report)
 
 
 @main.command()
-@click.option("--deadline", default=50.0, show_default=True, help="Give up after this many seconds.")
+@click.option(
+    "--deadline",
+    default=50.0,
+    show_default=True,
+    type=float,
+    callback=cli_support.seconds_up_to(3600),
+    help="Give up after this many seconds.",
+)
 @clear_errors
 def demo(deadline: float) -> None:
     """The whole product on embedded defaults: SQLite, embedded broker, built-in emulator, real worker."""

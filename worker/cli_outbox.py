@@ -32,10 +32,23 @@ def _parse_duration(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter("expected a duration such as 30d, 12h, 90m or 3600 (seconds)") from None
 
 
+def _check_reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return sessions.check_reason(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
-@click.option("--session", "session_id", type=int, help="One local session id.")
+@click.option("--session", "session_id", type=cli_support.ROW_ID, help="One local session id.")
 @click.option("--user", "user_id", help="Every session of this Pangea user id (pui_...), with /v2/session/logout.")
-@click.option("--reason", default="operator_logout", show_default=True, help="The end reason recorded locally.")
+@click.option(
+    "--reason",
+    default="operator_logout",
+    show_default=True,
+    callback=_check_reason,
+    help="The end reason recorded locally.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_clear_errors
 def logout(session_id: int | None, user_id: str | None, reason: str, as_json: bool) -> None:
@@ -72,7 +85,9 @@ def logout(session_id: int | None, user_id: str | None, reason: str, as_json: bo
 @click.option("--dead", "only_dead", is_flag=True, help="List dead letters only.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000), help="Rows to list.")
 @click.option("--retry-dead", is_flag=True, help="Put dead letters back to pending (all, or those named by --id).")
-@click.option("--id", "event_ids", type=int, multiple=True, help="With --retry-dead: only this event (repeatable).")
+@click.option(
+    "--id", "event_ids", type=cli_support.ROW_ID, multiple=True, help="With --retry-dead: only this event (repeatable)."
+)
 @click.option(
     "--purge-delivered",
     "older_than",
@@ -102,6 +117,8 @@ def outbox(
         if retry_dead:
             with rt.sessions.begin() as db:
                 ids = oq.retry_dead(db, now=_now(), event_ids=list(event_ids) or None)
+                if missing := sorted(set(event_ids) - set(ids)):  # raising rolls the retries back
+                    raise click.ClickException(f"no dead letter to retry with id {_ids(missing)}; nothing retried")
             _report({"retried": ids}, as_json, f"{len(ids)} dead letter(s) back to pending: {_ids(ids)}")
         elif older_than is not None:
             with rt.sessions.begin() as db:

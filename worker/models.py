@@ -64,6 +64,28 @@ NAMING_CONVENTION: dict[str, str] = {
 
 #: Width of the columns holding Pangea ids (``pui_`` / ``pmt_`` + 32 base32 characters today).
 PANGEA_ID_LENGTH = 64
+#: The largest row id (BIGINT on PostgreSQL, INTEGER on SQLite: 64-bit signed on both).
+MAX_ROW_ID = 2**63 - 1
+
+
+def is_row_id(value: object) -> bool:
+    """Whether ``value`` can be a row id at all (an int, not a bool, in 1..MAX_ROW_ID): if not, no row has it."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ROW_ID
+
+
+def fits_id_column(value: object) -> bool:
+    """Whether ``value`` can be bound to a Pangea id column: if not, no row has it and the driver would raise.
+
+    PostgreSQL refuses NUL in text, drivers refuse strings that are not valid UTF-8 (lone surrogates).
+    """
+    if not isinstance(value, str) or len(value) > PANGEA_ID_LENGTH or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import audit, engine, guard, metrics, models, outbox_queries, queries, sweeps
+from worker import audit, engine, errors, guard, metrics, models, outbox_queries, queries, sweeps
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,20 @@ def resync(
     done = rt.run(counts).as_dict()
     metrics.record_counts(done)
     return done
+
+
+def require_known(rt: Runtime, *, session_id: int | None = None, user_id: str | None = None) -> None:
+    """Raise ``errors.UnknownSession`` when ``session_id`` or ``user_id`` names no local session (ended ones count)."""
+    S = models.LocalSession
+    with rt.sessions() as db:
+        if session_id is not None and (not models.is_row_id(session_id) or db.get(S, session_id) is None):
+            raise errors.UnknownSession(f"no local session with id {session_id}")
+        if user_id is not None and (
+            not models.fits_id_column(user_id)
+            or db.execute(sa.select(S.id).where(S.user_id == user_id).limit(1)).first() is None
+        ):
+            shown = repr(user_id) if len(user_id) <= 80 else repr(user_id[:77]) + "..."
+            raise errors.UnknownSession(f"no local session for user {shown}")
 
 
 def housekeeping(rt: Runtime) -> dict[str, int]:

@@ -24,14 +24,21 @@ DEFAULT_REASON = "pangea_push"
 def revoke_by_pangea_session_id(
     db: orm.Session, pangea_session_id: str, *, reason: str = DEFAULT_REASON, now: datetime | None = None
 ) -> list[int]:
-    """Revoke the active local session of one Pangea session; returns the local ids ended (0 or 1)."""
+    """Revoke the active local session of one Pangea session; returns the local ids ended (0 or 1).
+
+    An id no local session has (unknown, or one no id column could hold) ends nothing: ``[]``.
+    """
+    if not models.fits_id_column(pangea_session_id):
+        return []
     return _revoke(db, S.pangea_session_id == pangea_session_id, reason=reason, now=now)
 
 
 def revoke_all_for_user(
     db: orm.Session, user_id: str, *, reason: str = DEFAULT_REASON, now: datetime | None = None
 ) -> list[int]:
-    """Revoke every active local session of one Pangea user; returns the local ids ended."""
+    """Revoke every active local session of one Pangea user; returns the local ids ended (``[]`` if unknown)."""
+    if not models.fits_id_column(user_id):
+        return []
     return _revoke(db, S.user_id == user_id, reason=reason, now=now)
 
 

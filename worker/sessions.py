@@ -36,6 +36,13 @@ from worker.settings import Settings
 DEFAULT_REALM = "session-sync"
 #: Prefix of the opaque local session handles issued by :func:`record_login` (``lss_`` + 32 base32).
 HANDLE_PREFIX = "lss_"
+#: Longest token :func:`record_login` accepts (Pangea's are ``ptu_``/``ptr_`` + 32 base32 characters).
+MAX_TOKEN_LENGTH = 4096
+#: Longest email :func:`record_login` accepts (the ``sessions.email`` column).
+MAX_EMAIL_LENGTH = 320
+#: Token times outside this span are garbage (and would overflow date arithmetic near year 1 or 9999).
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 _RNG = random.SystemRandom()
 
 #: ``SessionInvalid.reason`` -> ``error_description`` (the reasons are part of the API).
@@ -149,9 +156,56 @@ def _parse_userinfo(userinfo: Mapping[str, Any]) -> wire.SessionCreds:
     else:
         result, request_id = userinfo, ""
     try:
-        return wire.SessionCreds.from_wire(result, request_id=request_id)
+        creds = wire.SessionCreds.from_wire(result, request_id=request_id)
     except errors.AuthnProtocolError as exc:
         raise errors.InvalidUserinfo(f"userinfo is not Pangea's: {exc}") from None
+    _check_creds(creds)
+    return creds
+
+
+def _check_creds(creds: wire.SessionCreds) -> None:
+    """Refuse well-typed values no Pangea login has, before anything reaches the database (never naming a token)."""
+    active, refresh = creds.active_token, creds.refresh_token
+    for where, info in (("active_token", active), ("refresh_token", refresh)):
+        if not _is_word(info.token, MAX_TOKEN_LENGTH):
+            raise errors.InvalidUserinfo(
+                f"userinfo's result.{where}.token is not a token (1 to {MAX_TOKEN_LENGTH} printable ASCII characters)"
+            )
+        if not _is_word(info.id, models.PANGEA_ID_LENGTH):
+            raise errors.InvalidUserinfo(f"userinfo's result.{where}.id is not a Pangea id")
+        for field, at in (("created_at", info.created_at), ("expire", info.expire)):
+            if not _plausible(at):
+                raise errors.InvalidUserinfo(f"userinfo's result.{where}.{field} is not between 1970 and 9000")
+        if info.expire < info.created_at:
+            raise errors.InvalidUserinfo(f"userinfo's result.{where}.expire is before its created_at")
+    if not _is_word(active.identity, models.PANGEA_ID_LENGTH):
+        raise errors.InvalidUserinfo("userinfo's result.active_token.identity is not a Pangea user id")
+    if refresh.identity != active.identity:
+        raise errors.InvalidUserinfo("userinfo's two tokens belong to different users")
+    if len(active.email) > MAX_EMAIL_LENGTH or not active.email.isprintable():
+        raise errors.InvalidUserinfo(
+            f"userinfo's result.active_token.email is not an email (at most {MAX_EMAIL_LENGTH} printable characters)"
+        )
+
+
+def _is_word(value: str | None, limit: int) -> bool:
+    """A Pangea id or token: 1 to ``limit`` printable ASCII characters, no spaces."""
+    return (
+        value is not None and 0 < len(value) <= limit and value.isascii() and value.isprintable() and " " not in value
+    )
+
+
+def _plausible(at: datetime) -> bool:
+    try:
+        return _EARLIEST <= at.astimezone(UTC) <= _LATEST
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-12:00 is past the end of time in UTC
+        return False
+
+
+def _shown(value: object) -> str:
+    """A caller's value for an error message: quoted with escapes (one line), at most 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,10 +282,9 @@ def authenticate(
     now = now or datetime.now(UTC)
     hashes: list[str] = []  # set when a token was presented (not a handle or an id)
     params: dict[str, object]
+    _check_credential(token_or_session_id, realm)
     if isinstance(token_or_session_id, int):
         query, params = _lookup("id", 1), {"k0": token_or_session_id}
-    elif not token_or_session_id:
-        raise _invalid("missing", realm)
     else:
         cipher = cipher or default_cipher()
         keys = cipher.lookup_hashes(token_or_session_id)
@@ -273,10 +326,38 @@ def _invalid(reason: str, realm: str) -> errors.SessionInvalid:
     return errors.SessionInvalid(DESCRIPTIONS[reason], realm=realm, reason=reason)
 
 
+def _check_credential(credential: object, realm: str) -> None:
+    """SessionInvalid, before any lookup, for what cannot be a credential: nothing, JSON ``true`` (never id 1),
+    a float, an id no row can have, a string with a lone surrogate."""
+    if credential is None or credential == "":
+        raise _invalid("missing", realm)
+    if isinstance(credential, int) and models.is_row_id(credential):
+        return
+    if not isinstance(credential, str) or not _encodable(credential):
+        raise _invalid("unknown", realm)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from JSON "\\ud800": no token has one
+        return False
+    return True
+
+
 # --- logout: end the local session and queue the Pangea logout, in the caller's transaction ------
 
 #: ``end_reason`` of a session the app (or its user) logged out.
 DEFAULT_LOGOUT_REASON = "user_logout"
+#: Longest ``end_reason`` (the ``sessions.end_reason`` and ``session_events.reason`` columns).
+MAX_REASON_LENGTH = 64
+
+
+def check_reason(reason: str) -> str:
+    """``reason`` if it can be recorded as an end reason, else ValueError saying what one must be."""
+    if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_LENGTH or not reason.isprintable():
+        raise ValueError(f"an end reason must be 1 to {MAX_REASON_LENGTH} printable characters")
+    return reason
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,6 +403,9 @@ def logout(
     Raises ``errors.UnknownSession`` when there is no such session. ``kick`` (see
     ``worker.outbox.kick_after_commit``) starts delivery right after the commit.
     """
+    check_reason(reason)
+    if not models.is_row_id(session_id):  # no row has it; binding it could even make the driver raise
+        raise errors.UnknownSession(f"no local session with id {_shown(session_id)}")
     now = now or datetime.now(UTC)
     ended = db.execute(_end_sessions(models.LocalSession.id == session_id, reason=reason, now=now)).first()
     if ended is not None:
@@ -332,7 +416,7 @@ def logout(
         outbox.kick_after_commit(db, kick)
     row = db.get(models.LocalSession, session_id)
     if row is None:
-        raise errors.UnknownSession(f"no local session with id {session_id}")
+        raise errors.UnknownSession(f"no local session with id {_shown(session_id)}")
     return row
 
 
@@ -351,11 +435,14 @@ def logout_user(
     is reused instead of queuing another. Raises ``errors.UnknownSession`` for a user id that never
     had a local session.
     """
+    check_reason(reason)
+    if not models.fits_id_column(user_id):
+        raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
     now = now or datetime.now(UTC)
     S = models.LocalSession
     ended = sorted(row.id for row in db.execute(_end_sessions(S.user_id == user_id, reason=reason, now=now)))
     if not ended and db.execute(sa.select(S.id).where(S.user_id == user_id).limit(1)).first() is None:
-        raise errors.UnknownSession(f"no local session for user {user_id}")
+        raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
     event_id = outbox_queries.add_user_logout(db, user_id=user_id, now=now)
     audit.record(db, [_logged_out(sid, reason) for sid in ended], now=now)
     outbox.kick_after_commit(db, kick)

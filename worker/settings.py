@@ -6,14 +6,17 @@ plain dict with :meth:`Settings.from_env`, so nothing patches ``os.environ``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+import sqlalchemy as sa
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from worker import errors
@@ -26,17 +29,35 @@ DEFAULT_BROKER_URL = "sqla+sqlite:///session-sync-broker.db"
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+#: The longest duration any setting takes: far beyond any sensible value, yet ``now + it`` never overflows.
+MAX_DURATION = timedelta(days=36500)
+_TOO_LONG = "must be at most 36500d (100 years)"
 
 
 def _parse_duration(value: object) -> object:
     """``"30"``/``"30s"``/``"5m"``/``"2h"``/``"1d"``/``"250ms"`` become seconds; anything else goes to pydantic."""
     if isinstance(value, str) and (match := _DURATION.match(value)):
-        return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+        try:
+            return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+        except OverflowError:  # pydantic passes only ValueError on as a validation error
+            raise ValueError(_TOO_LONG) from None
     return value
 
 
-#: A duration setting: plain seconds or a number with a unit (ms, s, m, h, d).
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+def _check_duration(value: timedelta) -> timedelta:
+    # pydantic also reads ISO 8601 and "[-]HH:MM:SS", which may be negative.
+    if value < timedelta(0):
+        raise ValueError("must not be negative")
+    if value > MAX_DURATION:
+        raise ValueError(_TOO_LONG)
+    return value
+
+
+#: A duration setting: plain seconds or a number with a unit (ms, s, m, h, d); never negative.
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_duration)]
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
 class Settings(BaseSettings):
@@ -55,14 +76,14 @@ class Settings(BaseSettings):
     check_interval: Duration = Field(timedelta(minutes=5), alias="SESSION_SYNC_CHECK_INTERVAL")
     sweep_period: Duration = Field(timedelta(seconds=15), alias="SESSION_SYNC_SWEEP_PERIOD")
     refresh_margin_floor: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_MARGIN")
-    refresh_margin_fraction: float = Field(0.1, ge=0, lt=1, alias="SESSION_SYNC_REFRESH_FRACTION")
+    refresh_margin_fraction: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False, alias="SESSION_SYNC_REFRESH_FRACTION")
     batch_size: int = Field(500, ge=1, le=10_000, alias="SESSION_SYNC_BATCH_SIZE")
     concurrency: int = Field(32, ge=1, le=1_000, alias="SESSION_SYNC_CONCURRENCY")
     #: How long an active token the worker replaced by a refresh still authenticates (web-app side).
     refresh_grace: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_GRACE")
-    rate_limit: float = Field(100.0, gt=0, alias="SESSION_SYNC_RATE_LIMIT")
+    rate_limit: float = Field(100.0, gt=0, allow_inf_nan=False, alias="SESSION_SYNC_RATE_LIMIT")
     lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
-    http_timeout: float = Field(10.0, gt=0, alias="SESSION_SYNC_HTTP_TIMEOUT")
+    http_timeout: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False, alias="SESSION_SYNC_HTTP_TIMEOUT")
     http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
     #: First step of the backoff after a session got no answer (doubling, full jitter), and its cap.
     backoff: Duration = Field(timedelta(seconds=5), alias="SESSION_SYNC_BACKOFF")
@@ -70,7 +91,7 @@ class Settings(BaseSettings):
     revalidation: Literal["auto", "bulk", "per_token"] = Field("auto", alias="SESSION_SYNC_REVALIDATION")
     max_batches_per_sweep: int = Field(200, ge=1, alias="SESSION_SYNC_MAX_BATCHES_PER_SWEEP")
     batches_in_flight: int = Field(4, ge=1, le=64, alias="SESSION_SYNC_BATCHES_IN_FLIGHT")
-    guard_share: float = Field(0.2, gt=0, le=1, alias="SESSION_SYNC_GUARD_SHARE")
+    guard_share: float = Field(0.2, gt=0, le=1, allow_inf_nan=False, alias="SESSION_SYNC_GUARD_SHARE")
     guard_minimum: int = Field(50, ge=1, alias="SESSION_SYNC_GUARD_MIN")
     max_unverified: Duration = Field(timedelta(hours=1), alias="SESSION_SYNC_MAX_UNVERIFIED")
     stale_policy: Literal["keep", "revoke"] = Field("keep", alias="SESSION_SYNC_STALE_POLICY")
@@ -111,7 +132,18 @@ class Settings(BaseSettings):
         except pydantic.ValidationError as exc:
             raise _config_error(exc) from None
 
-    @field_validator("check_interval", "sweep_period", "lease", "backoff", "backoff_cap")
+    @field_validator(
+        "check_interval",
+        "sweep_period",
+        "lease",
+        "backoff",
+        "backoff_cap",
+        "max_unverified",
+        "outbox_period",
+        "outbox_backoff",
+        "outbox_backoff_cap",
+        "outbox_max_age",
+    )
     @classmethod
     def _check_positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):
@@ -125,6 +157,12 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if any(c.isspace() for c in value) or not urlsplit(value).hostname:
+            raise ValueError("must be a URL with a host, such as https://authn.aws.us.pangea.cloud")
+        try:
+            _ = urlsplit(value).port
+        except ValueError:
+            raise ValueError("has a port that is not a number in 0..65535") from None
         return value.rstrip("/")
 
     @field_validator("pangea_domain")
@@ -132,7 +170,7 @@ class Settings(BaseSettings):
     def _check_domain(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if "/" in value or " " in value:
+        if not _HOSTNAME.match(value):
             raise ValueError("must be a bare domain such as aws.us.pangea.cloud (no scheme, no path)")
         return value
 
@@ -146,13 +184,51 @@ class Settings(BaseSettings):
             raise ValueError("must be a single Pangea token with no spaces")
         return value
 
+    @field_validator("encryption_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        from worker import crypto  # crypto imports this module
+
+        try:
+            crypto.parse_keys(value.get_secret_value())
+        except errors.ConfigError as exc:  # its message names the key's position, never the key
+            raise ValueError(exc.problem) from None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
+        try:
+            backend = sa.make_url(value).get_backend_name()
+        except sa.exc.ArgumentError:
+            backend = ""
+        if backend not in ("sqlite", "postgresql"):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        from kombu.transport import TRANSPORT_ALIASES
+
+        for url in value.split(";"):  # kombu's failover list
+            scheme, sep, _ = url.strip().partition("://")
+            if not sep or scheme.split("+")[0] not in TRANSPORT_ALIASES:
+                raise ValueError("must be a broker URL such as redis://host:6379/0 or sqla+sqlite:///broker.db")
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _check_metrics_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOSTNAME.match(value):
+                raise ValueError("must be an IP address or a host name, such as 0.0.0.0 or 127.0.0.1") from None
         return value
 
     @property

@@ -127,10 +127,11 @@ BAD_KEY = "c2VjcmV0LXNlY3JldC1zZWNyZXQ="  # base64, but of 21 bytes
     ],
 )
 def test_bad_keys_name_the_variable_and_position_but_not_the_key(value: str, position: str) -> None:
-    settings = Settings.from_env({"SESSION_SYNC_ENCRYPTION_KEYS": value, "DATABASE_URL": PG_URL})
-
+    # Settings refuse them as soon as they are read, before any cipher is built
     with pytest.raises(errors.ConfigError) as raised:
-        crypto.TokenCipher.from_settings(settings)
+        Settings.from_env({"SESSION_SYNC_ENCRYPTION_KEYS": value, "DATABASE_URL": PG_URL})
+    with pytest.raises(errors.ConfigError):
+        crypto.TokenCipher([part.strip() for part in value.split(",")])
 
     message = str(raised.value)
     assert raised.value.variable == "SESSION_SYNC_ENCRYPTION_KEYS"
