@@ -96,6 +96,16 @@ def emulator_server() -> Iterator[RunningEmulator]:
 
 
 @pytest.fixture
+def other_project() -> Iterator[str]:
+    """A second Pangea project (its own emulator) that accepts the same tokens but knows none of our sessions."""
+    app = emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN)
+    server, thread = _serve_in_thread(app, free_port())
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
 def emu(emulator_server: RunningEmulator) -> Iterator[RunningEmulator]:
     """The emulator, reset before and after the test (sessions, counters, faults)."""
     emulator_server.admin.reset()

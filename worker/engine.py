@@ -360,22 +360,7 @@ class SyncEngine:
 
     async def _refresh_all(self, work: list[_Work], *, confirm_revocations: bool) -> Counts:
         outcome = _Outcome()
-        unsure = [w for w in work if w.session.uncertain and w.refresh_token is not None]
-        if unsure:
-            # An earlier refresh of these may have happened unseen: settle that before the refresh
-            # token is sent again, so no refresh token is ever presented twice.
-            settled = await self._settle(unsure)
-            now = self._clock()
-            for w in unsure:
-                verdict, answer = settled[w.session.id]
-                decision = decisions.after_settling(w.facts, verdict, answer, now, self._policy, self._rng)
-                if decision.action is Action.STOP:
-                    raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
-                if decision.action is not Action.REFRESH:
-                    named = verdict.value if verdict is not None else None
-                    outcome.add(w, decision, answer, checked=verdict is not None, outcome=named)
-            work = [w for w in work if w.session.id not in outcome.decided]
-        settled_only = len(outcome.decided)
+        work = await self._settle_uncertain(work, outcome)
         now = self._clock()
         sessions = [w.session for w in work]
         taken = await self._in_transaction(
@@ -412,7 +397,8 @@ class SyncEngine:
 
         def write(db: orm.Session) -> None:
             queries.store_refreshed(db, stored, now=now)
-            checked = len(work) + settled_only
+            # Each session was either refreshed (stored) or decided: settled, failed, refused.
+            checked = len(stored) + len(outcome.decided)
             self._hold_if_mass_revocation(db, outcome, checked=checked, now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
 
@@ -422,6 +408,27 @@ class SyncEngine:
         counts = outcome.counts
         counts.refreshed += len(stored)
         return counts
+
+    async def _settle_uncertain(self, work: list[_Work], outcome: _Outcome) -> list[_Work]:
+        """Settle the uncertain sessions of ``work`` into ``outcome``; returns those that may refresh.
+
+        An earlier refresh of an uncertain session may have happened unseen: that is settled before
+        its refresh token is sent again, so no refresh token is ever presented twice.
+        """
+        unsure = [w for w in work if w.session.uncertain and w.refresh_token is not None]
+        if not unsure:
+            return work
+        settled = await self._settle(unsure)
+        now = self._clock()
+        for w in unsure:
+            verdict, answer = settled[w.session.id]
+            decision = decisions.after_settling(w.facts, verdict, answer, now, self._policy, self._rng)
+            if decision.action is Action.STOP:
+                raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
+            if decision.action is not Action.REFRESH:
+                named = verdict.value if verdict is not None else None
+                outcome.add(w, decision, answer, checked=verdict is not None, outcome=named)
+        return [w for w in work if w.session.id not in outcome.decided]
 
     async def _settle(self, unsure: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
         """Whether each session still carries our active token at Pangea (see decisions.after_settling)."""

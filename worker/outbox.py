@@ -254,48 +254,48 @@ class Delivery:
         dead: list[dict[str, object]] = []
         trail: list[audit.Event] = []
         with self._sessions.begin() as db:
+            # The guard's word on this batch and the outcomes it shapes commit together.
             held = self._hold_already(db, results, now=now)
-        for ev, result in zip(claimed, results, strict=True):
-            facts = od.EventFacts(attempts=ev.attempts, created_at=ev.queued_at)
-            decision = od.decide(facts, result, now, self._policy, self._rng)
-            guard: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": ev.attempts}
-            if held and result.outcome is od.Outcome.ALREADY:
-                # Perhaps the wrong project, not a logged-out user: keep it until an operator confirms.
-                later.append(guard | {"next_attempt_at": now + self._policy.pause, "last_error": oq.HELD_ERROR})
-                counts.held += 1
-                continue
-            guard["attempts"] = decision.attempts
-            if decision.action is od.Action.DELIVERED:
-                delivered.append(guard)
-                counts.delivered += 1
-                counts.already += result.outcome is od.Outcome.ALREADY
-                if ev.session_id is not None:
-                    outcome = result.verdict or "valid"
-                    trail.append(
-                        audit.Event(
-                            session_id=ev.session_id,
-                            action="logout_sent",
-                            outcome=outcome,
-                            request_id=result.request_id,
+            for ev, result in zip(claimed, results, strict=True):
+                key: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": ev.attempts}
+                if held and result.outcome is od.Outcome.ALREADY:
+                    # Perhaps the wrong project, not a logged-out user: keep it until an operator confirms.
+                    later.append(key | {"next_attempt_at": now + self._policy.pause, "last_error": oq.HELD_ERROR})
+                    counts.held += 1
+                    continue
+                facts = od.EventFacts(attempts=ev.attempts, created_at=ev.queued_at)
+                decision = od.decide(facts, result, now, self._policy, self._rng)
+                key["attempts"] = decision.attempts
+                if decision.action is od.Action.DELIVERED:
+                    delivered.append(key)
+                    counts.delivered += 1
+                    counts.already += result.outcome is od.Outcome.ALREADY
+                    if ev.session_id is not None:
+                        outcome = result.verdict or "valid"
+                        trail.append(
+                            audit.Event(
+                                session_id=ev.session_id,
+                                action="logout_sent",
+                                outcome=outcome,
+                                request_id=result.request_id,
+                            )
                         )
+                elif decision.action is od.Action.DEAD:
+                    dead.append(key | {"last_error": decision.error})
+                    counts.dead += 1
+                    logger.warning(
+                        "Logout became a dead letter: %s",
+                        decision.error,
+                        extra={"action": "outbox_dead", "event_id": ev.id, "kind": str(ev.kind)},
                     )
-            elif decision.action is od.Action.DEAD:
-                dead.append(guard | {"last_error": decision.error})
-                counts.dead += 1
-                logger.warning(
-                    "Logout became a dead letter: %s",
-                    decision.error,
-                    extra={"action": "outbox_dead", "event_id": ev.id, "kind": str(ev.kind)},
-                )
-                if ev.session_id is not None:
-                    trail.append(audit.Event(session_id=ev.session_id, action="logout_dead", outcome="dead"))
-            else:
-                later.append(guard | {"next_attempt_at": decision.next_attempt_at, "last_error": decision.error})
-                if decision.action is od.Action.PAUSE:
-                    counts.paused += 1
+                    if ev.session_id is not None:
+                        trail.append(audit.Event(session_id=ev.session_id, action="logout_dead", outcome="dead"))
                 else:
-                    counts.retried += 1
-        with self._sessions.begin() as db:
+                    later.append(key | {"next_attempt_at": decision.next_attempt_at, "last_error": decision.error})
+                    if decision.action is od.Action.PAUSE:
+                        counts.paused += 1
+                    else:
+                        counts.retried += 1
             oq.mark_delivered(db, delivered, now=now)
             oq.reschedule(db, later)
             oq.mark_dead(db, dead, now=now)

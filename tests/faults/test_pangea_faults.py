@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningEmulator, _serve_in_thread, free_port
+from tests.conftest import RunningEmulator
 from tests.faults.proxy import ChaosProxy
 from tests.faults.world import World, fault_env, wait_caught_up
-from worker import emulator, operations, runtime
+from worker import operations, runtime
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
@@ -112,13 +112,11 @@ def test_connection_resets(pg_url: str, emu: RunningEmulator, report: Any) -> No
     figures.assert_invariants()
 
 
-def test_wrong_project(pg_url: str, emu: RunningEmulator, report: Any) -> None:
+def test_wrong_project(pg_url: str, emu: RunningEmulator, other_project: str, report: Any) -> None:
     # Given the right worker, and the same worker misconfigured for another project (same token)
-    other = emulator.create_app(service_token=emu.service_token, client_token=emu.client_token)
-    server, thread = _serve_in_thread(other, free_port())
     env = fault_env(pg_url, emu.base_url, emu.service_token, SESSION_SYNC_GUARD_MIN="10")
     rt = runtime.Runtime(Settings.from_env(env))
-    wrong = runtime.Runtime(Settings.from_env(env | {"PANGEA_BASE_URL": f"http://127.0.0.1:{server.config.port}"}))
+    wrong = runtime.Runtime(Settings.from_env(env | {"PANGEA_BASE_URL": other_project}))
     try:
         world = World(rt, emu, tag="wrong")
         _step(rt)
@@ -140,8 +138,6 @@ def test_wrong_project(pg_url: str, emu: RunningEmulator, report: Any) -> None:
     finally:
         rt.close()
         wrong.close()
-        server.should_exit = True
-        thread.join(timeout=10)
     report(figures.line())
     # Then nothing was revoked or "delivered" to the wrong project, and the guard said so
     assert tripped is True and held > 0

@@ -81,9 +81,9 @@ class Run:
     """One scenario: the world, the workers, and the runtime the test judges with."""
 
     def __init__(self, pg_url: str, emu: RunningEmulator, broker: str, tmp_path: Path, scenario: str) -> None:
-        self.env = fault_env(pg_url, emu.base_url, emu.service_token, CELERY_BROKER_URL=broker) | {
-            "SESSION_SYNC_BATCH_SIZE": "10",
-        }
+        self.env = fault_env(
+            pg_url, emu.base_url, emu.service_token, CELERY_BROKER_URL=broker, SESSION_SYNC_BATCH_SIZE="10"
+        )
         self.scenario = scenario
         self.tmp_path = tmp_path
         self.rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))

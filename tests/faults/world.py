@@ -184,7 +184,7 @@ class World:
         ]
         return Figures(
             scenario=scenario,
-            wrongly_revoked=len(wrongly) + len([s for s in unexplained if s not in wrongly]),
+            wrongly_revoked=len(set(wrongly) | set(unexplained)),
             missed=len(missed),
             lost_logouts=len(not_out) + undelivered,
             refresh_reused=int(self.emu.admin.stats()["refresh_reused"]),

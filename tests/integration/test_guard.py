@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import RunningEmulator, _serve_in_thread, free_port
+from tests.conftest import RunningEmulator
 from tests.helpers import login, row
-from worker import emulator, guard, models, operations, sessions
-
-
-@pytest.fixture
-def other_project() -> Iterator[str]:
-    """A second Pangea project that accepts the same service token but knows none of our sessions."""
-    app = emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN)
-    server, thread = _serve_in_thread(app, free_port())
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+from worker import guard, models, operations, sessions
 
 
 @pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
