@@ -137,14 +137,16 @@ class AuthnClient:
     async def refresh(self, refresh_token: str, *, user_token: str | None = None) -> wire.Refresh:
         """POST /v2/client/session/refresh: rotate the tokens. The old refresh token is spent.
 
-        Never repeated once it may have reached Pangea: a lost answer raises AuthnOutcomeUnknown.
-        The read timeout is three times the usual one, so a slow answer is not abandoned early.
+        One attempt, never repeated inside the call, not even after a 429: the caller holds the
+        session for a bounded time (worker.engine), and a retry here would outlast that hold. A lost
+        answer raises AuthnOutcomeUnknown. The read timeout is three times the usual one, so a slow
+        answer is not abandoned early.
         """
         path = "/v2/client/session/refresh"
         body: dict[str, Any] = {"refresh_token": refresh_token}
         if user_token is not None:
             body["user_token"] = user_token
-        env = await self._call(path, body, idempotent=False, timeout=self._timeout * 3)
+        env = await self._call(path, body, idempotent=False, timeout=self._timeout * 3, retry=False)
         verdict = self._verdict(env, path)
         if verdict is not wire.Verdict.VALID:
             return wire.Refresh(verdict=verdict, request_id=env.request_id)
@@ -220,17 +222,25 @@ class AuthnClient:
     # --- the wire ----------------------------------------------------------------------------
 
     async def _call(
-        self, path: str, body: Mapping[str, Any], *, idempotent: bool = True, timeout: float | None = None
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        idempotent: bool = True,
+        timeout: float | None = None,
+        retry: bool = True,
     ) -> wire.Envelope:
-        """POST once or more (per the retry policy) and return the parsed envelope."""
+        """POST once or more (per the retry policy; once only without ``retry``) and return the envelope."""
         retried_ids: list[str] = []
         try:
             # The first attempt runs outside tenacity: nearly every call succeeds at once, and a
             # retry loop built per call cost more CPU than the rest of our side of it.
             return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout)
         except errors.AuthnError as exc:
-            if not self._retries or not _should_retry(
-                exc, idempotent=idempotent, max_retry_after=self._max_retry_after
+            if (
+                not retry
+                or not self._retries
+                or not _should_retry(exc, idempotent=idempotent, max_retry_after=self._max_retry_after)
             ):
                 raise
             await asyncio.sleep(self._delay(exc, attempt=1))

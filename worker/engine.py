@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from sqlalchemy import orm
 
-from worker import audit, authn, crypto, decisions, errors, guard, queries, ratelimit, wire
+from worker import audit, authn, crypto, decisions, errors, guard, outbox_queries, queries, ratelimit, wire
 from worker.decisions import Action, Answer, Failure
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class Counts:
     kept: int = 0
     #: Revocations the mass-revocation guard held back (the sessions stay active).
     held: int = 0
+    #: Decisions not written because the row moved on meanwhile (logged out, taken over): not done.
+    dropped: int = 0
     stopped: bool = False
     reasons: Counter[str] = field(default_factory=Counter)
 
@@ -50,6 +52,7 @@ class Counts:
         self.failed += other.failed
         self.kept += other.kept
         self.held += other.held
+        self.dropped += other.dropped
         self.stopped = self.stopped or other.stopped
         self.reasons.update(other.reasons)
 
@@ -62,6 +65,7 @@ class Counts:
             "failed": self.failed,
             "kept": self.kept,
             "held": self.held,
+            "dropped": self.dropped,
             "stopped": self.stopped,
             "revoked_by_reason": dict(self.reasons),
         }
@@ -132,6 +136,7 @@ class SyncEngine:
         lease: timedelta,
         refresh_lease: timedelta,
         bulk: bool,
+        refresh_timeout: timedelta | None = None,
         guard_limits: guard.Limits | None = None,
         batches_in_flight: int = 1,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -146,6 +151,11 @@ class SyncEngine:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._lease = lease
         self._refresh_lease = refresh_lease
+        #: One refresh request is abandoned after this; the hold outlasts it (see _refresh_one).
+        timeout = refresh_timeout if refresh_timeout is not None else refresh_lease / 2
+        if timeout >= refresh_lease:
+            raise ValueError("refresh_timeout must be shorter than refresh_lease: the hold must outlast the request")
+        self._refresh_timeout = timeout.total_seconds()
         self._bulk = bulk
         self._guard_limits = guard_limits or guard.Limits()
         self._batches_in_flight = batches_in_flight
@@ -359,46 +369,34 @@ class SyncEngine:
     # --- refresh ------------------------------------------------------------------------------
 
     async def _refresh_all(self, work: list[_Work], *, confirm_revocations: bool) -> Counts:
+        """Refresh ``work``: each refresh takes its own hold as it goes out and stores its tokens at once.
+
+        What is left (refusals, failures, spent tokens) is decided and written for the batch in one
+        transaction, under the mass-revocation guard.
+        """
         outcome = _Outcome()
         work = await self._settle_uncertain(work, outcome)
-        now = self._clock()
-        sessions = [w.session for w in work]
-        taken = await self._in_transaction(
-            lambda db: queries.begin_refresh(db, sessions, now=now, lease=self._refresh_lease)
-        )
-        work = [w for w in work if w.session.id in taken]
         results = await asyncio.gather(*(self._refresh_one(w) for w in work))
         now = self._clock()
-        outcome.versions = taken
-        stored: list[dict[str, object]] = []
         stopped = False
-        for w, (answer, creds) in zip(work, results, strict=True):
-            if creds is not None:
-                fresh = decisions.SessionFacts(
-                    active_expires_at=creds.active_token.expire,
-                    active_issued_at=creds.active_token.created_at,
-                    refresh_expires_at=creds.refresh_token.expire,
-                    has_refresh_token=True,
-                    failures=0,
-                    uncertain=False,
-                )
-                decision = decisions.after_refresh(fresh, answer, now, self._policy, self._rng)
-                stored.append(self._stored_row(w, creds, taken[w.session.id], decision))
-                outcome.audit_refreshed(w, answer)
-                continue
-            decision = decisions.after_refresh(w.facts, answer, now, self._policy, self._rng)
+        stored = 0
+        for w, done in zip(work, results, strict=True):
+            if done.hold is None or done.settled:
+                stored += done.stored
+                continue  # another worker has the row, or this refresh was already written
+            outcome.holds[w.session.id] = done.hold
+            decision = decisions.after_refresh(w.facts, done.answer, now, self._policy, self._rng)
             if decision.action is Action.STOP:
                 # Pangea refused *us*, so it performed nothing: put the row back as it was.
                 stopped = True
                 decision = decisions.Decision(
                     action=Action.KEEP, next_check_at=now, failures=w.session.failures, uncertain=w.session.uncertain
                 )
-            outcome.add(w, decision, answer, checked=answer.verdict is not None)
+            outcome.add(w, decision, done.answer, checked=done.answer.verdict is not None)
 
         def write(db: orm.Session) -> None:
-            queries.store_refreshed(db, stored, now=now)
-            # Each session was either refreshed (stored) or decided: settled, failed, refused.
-            checked = len(stored) + len(outcome.decided)
+            # Every session here was answered (refreshed, settled, refused) or failed to be.
+            checked = stored + len(outcome.decided)
             self._hold_if_mass_revocation(db, outcome, checked=checked, now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
 
@@ -406,7 +404,7 @@ class SyncEngine:
         if stopped:
             raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
         counts = outcome.counts
-        counts.refreshed += len(stored)
+        counts.refreshed += stored
         return counts
 
     async def _settle_uncertain(self, work: list[_Work], outcome: _Outcome) -> list[_Work]:
@@ -459,34 +457,109 @@ class SyncEngine:
         mine = next((s for s in page.sessions if s.active_token is not None), None)
         return _settled(mine)
 
-    async def _refresh_one(self, w: _Work) -> tuple[Answer, wire.SessionCreds | None]:
+    async def _refresh_one(self, w: _Work) -> _Refreshed:
+        """One refresh: wait for a slot and the rate limit, take the hold, send once, store at once.
+
+        The hold is taken only when the request is about to go out, and the request is one attempt
+        bounded by :attr:`_refresh_timeout` (no retry inside the call, not even after a 429), so
+        the hold (:func:`worker.settings.Settings.refresh_lease`) outlasts the whole time this
+        refresh token can be in flight, whatever the queueing, throttling or settings.
+        """
         async with self._semaphore:
             try:
-                refresh_token = w.refresh_token
+                refresh_token, user_token = w.refresh_token, w.active_token
                 assert refresh_token is not None
                 await self._limiter.acquire()
-                result = await self._client.refresh(refresh_token, user_token=w.active_token)
-            except errors.AuthnError as exc:
-                return _failed(exc), None
+                hold_token = secrets.token_hex(16)
+                now = self._clock()
+                version = await self._in_transaction(
+                    lambda db: queries.begin_refresh(
+                        db, w.session, now=now, lease=self._refresh_lease, hold_token=hold_token
+                    )
+                )
             except Exception:
-                # One session's trouble (a token that will not decrypt, a bug) must not cost the
-                # others of the batch their refreshed tokens: it stays uncertain and is retried.
+                # Nothing was sent: a token that will not decrypt, the database gone. The row goes
+                # back with the batch's claim and is tried again; the others of the batch go on.
+                logger.exception("Refresh of session %s not started", w.session.id, extra={"action": "refresh_error"})
+                return _Refreshed(hold=None, answer=Answer.failed(Failure.UNAVAILABLE))
+            if version is None:
+                return _Refreshed(hold=None, answer=Answer())  # the row moved on: not ours to refresh
+            hold = (hold_token, version)
+            try:
+                async with asyncio.timeout(self._refresh_timeout):
+                    result = await self._client.refresh(refresh_token, user_token=user_token)
+            except TimeoutError:
+                return _Refreshed(hold=hold, answer=Answer.failed(Failure.OUTCOME_UNKNOWN))
+            except errors.AuthnError as exc:
+                return _Refreshed(hold=hold, answer=_failed(exc))
+            except Exception:
+                # The request may have gone out: the row stays uncertain and is settled before reuse.
                 logger.exception("Refresh of session %s failed", w.session.id, extra={"action": "refresh_error"})
-                return Answer.failed(Failure.UNAVAILABLE), None
+                return _Refreshed(hold=hold, answer=Answer.failed(Failure.OUTCOME_UNKNOWN))
         if result.creds is None:
-            return Answer(verdict=result.verdict, request_id=result.request_id), None
-        expire = result.creds.active_token.expire
-        return Answer(verdict=result.verdict, active_expires_at=expire, request_id=result.request_id), result.creds
+            return _Refreshed(hold=hold, answer=Answer(verdict=result.verdict, request_id=result.request_id))
+        answer = Answer(
+            verdict=result.verdict, active_expires_at=result.creds.active_token.expire, request_id=result.request_id
+        )
+        return await self._store(w, hold, result.creds, answer)
 
-    def _stored_row(
-        self, w: _Work, creds: wire.SessionCreds, version: int, decision: decisions.Decision
-    ) -> dict[str, object]:
+    async def _store(self, w: _Work, hold: tuple[str, int], creds: wire.SessionCreds, answer: Answer) -> _Refreshed:
+        """Store a refresh's new tokens now, in a transaction of their own: an answer that arrived is kept.
+
+        If the app ended the session while the refresh was in flight, the new tokens keep a session
+        alive at Pangea that nobody holds: their logout is queued like any other.
+        """
+        now = self._clock()
+        fresh = decisions.SessionFacts(
+            active_expires_at=creds.active_token.expire,
+            active_issued_at=creds.active_token.created_at,
+            refresh_expires_at=creds.refresh_token.expire,
+            has_refresh_token=True,
+            failures=0,
+            uncertain=False,
+        )
+        decision = decisions.after_refresh(fresh, answer, now, self._policy, self._rng)
+        row = self._stored_row(w, creds, decision)
+
+        def write(db: orm.Session) -> bool:
+            if queries.store_refreshed(db, row, now=now):
+                audit.record_one(db, audit.Event.refreshed(w.session.id, answer.request_id), now=now)
+                return True
+            ended = queries.ended_session(db, w.session.id)
+            if ended is not None:
+                outbox_queries.add_session_logout(
+                    db, session_id=w.session.id, user_id=ended[0], token_enc=str(row["active_token_enc"]), now=now
+                )
+                audit.record_one(
+                    db,
+                    audit.Event(session_id=w.session.id, action="refreshed_after_end", outcome="logout_queued"),
+                    now=now,
+                )
+            return False
+
+        try:
+            stored = await self._in_transaction(write)
+        except Exception:
+            # The database failed us with the new tokens in hand. The row stays uncertain: it is
+            # settled from Pangea's session list before its refresh token is ever sent again.
+            logger.exception(
+                "Refreshed tokens of session %s could not be stored", w.session.id, extra={"action": "refresh_unstored"}
+            )
+            return _Refreshed(hold=hold, answer=answer, settled=True)
+        if not stored:
+            logger.info(
+                "Session %s ended while its refresh was in flight; logout of the new tokens queued",
+                w.session.id,
+                extra={"action": "refreshed_after_end"},
+            )
+        return _Refreshed(hold=hold, answer=answer, stored=stored, settled=True)
+
+    def _stored_row(self, w: _Work, creds: wire.SessionCreds, decision: decisions.Decision) -> dict[str, object]:
         active, refresh = creds.active_token, creds.refresh_token
         assert active.token is not None and refresh.token is not None
         return {
             "b_id": w.session.id,
-            "b_claim": w.session.claim_token,
-            "b_version": version,
+            "b_old_active_token_id": w.session.active_token_id,
             "active_token_id": active.id,
             "active_token_enc": self._cipher.encrypt(active.token),
             "active_token_hash": self._cipher.lookup_hash(active.token),
@@ -499,90 +572,130 @@ class SyncEngine:
         }
 
 
-class _Outcome:
-    """Decisions of one batch, gathered so each kind is written in one statement."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Refreshed:
+    """What became of one refresh."""
 
-    def __init__(self, versions: dict[int, int] | None = None) -> None:
-        #: Row versions after begin_refresh; rows not in it are guarded by their claimed version.
-        self.versions = versions or {}
+    #: ``(hold token, version)`` of the hold taken; None when the refresh was never sent.
+    hold: tuple[str, int] | None
+    answer: Answer
+    #: The new tokens are in the database.
+    stored: bool = False
+    #: Written already (stored, or left for settling): nothing more to decide for this session.
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    """One decision waiting to be written, with what its audit event and counts will say."""
+
+    work: _Work
+    decision: decisions.Decision
+    answer: Answer
+    #: What Pangea said when it was no verdict (the audit trail's outcome), if not the answer's own.
+    outcome: str | None = None
+    #: Whether Pangea answered (the row's ``last_checked_at`` moves only then).
+    checked: bool = True
+    #: The guard tripped and held this revocation back: written as a kept session.
+    held_reason: str | None = None
+
+
+class _Outcome:
+    """Decisions of one batch, gathered so each kind is written in one statement.
+
+    Counts and audit events are made only from the rows a write really changed: a decision whose
+    compare-and-swap lost (the app logged the user out, another worker took the row over) is
+    counted as ``dropped`` and leaves no trace in the audit trail, the task result or the metrics.
+    """
+
+    def __init__(self) -> None:
+        #: ``(hold token, version)`` of sessions whose refresh hold this batch took; the others are
+        #: guarded by their claim.
+        self.holds: dict[int, tuple[str, int]] = {}
         #: Sessions decided here (kept, revoked or held), by id.
         self.decided: set[int] = set()
-        self.keep: list[dict[str, object]] = []
-        self.revocations: list[tuple[_Work, decisions.Decision, Answer, str | None]] = []
-        self.dropped: list[int] = []
-        self.events: list[audit.Event] = []
+        self.keep: list[_Decided] = []
+        self.revocations: list[_Decided] = []
         self.counts = Counts()
 
     def _guard(self, w: _Work) -> dict[str, object]:
-        version = self.versions.get(w.session.id, w.session.version)
-        return {"b_id": w.session.id, "b_claim": w.session.claim_token, "b_version": version}
+        claim, version = self.holds.get(w.session.id, (w.session.claim_token, w.session.version))
+        return {"b_id": w.session.id, "b_claim": claim, "b_version": version}
 
     def add(
         self, w: _Work, decision: decisions.Decision, answer: Answer, *, checked: bool, outcome: str | None = None
     ) -> None:
         """Record one decision; ``outcome`` names what Pangea said when it was no verdict (audit trail)."""
         self.decided.add(w.session.id)
-        if decision.action is Action.REVOKE:
-            self.revocations.append((w, decision, answer, outcome))
-            return
-        self._keep(w, decision, checked=checked)
-        if decision.failures:
-            self.counts.failed += 1
-        else:
-            self.counts.kept += 1
-        self.events.append(audit.Event.of(w.session.id, decision, answer, outcome=outcome))
-
-    def _keep(self, w: _Work, decision: decisions.Decision, *, checked: bool) -> None:
-        self.keep.append(
-            self._guard(w)
-            | {
-                "next_check_at": decision.next_check_at,
-                "failures": decision.failures,
-                "uncertain": decision.uncertain,
-                "active_expires_at": decision.active_expires_at,
-                "checked": checked,
-            }
-        )
-        if decision.drop_refresh_token:
-            self.dropped.append(w.session.id)
+        entry = _Decided(w, decision, answer, outcome, checked=checked)
+        (self.revocations if decision.action is Action.REVOKE else self.keep).append(entry)
 
     def hold(self, *, next_check_at: datetime) -> None:
         """The guard tripped: keep every session this batch would have revoked, and re-check it later."""
-        for w, decision, answer, _ in self.revocations:
+        for entry in self.revocations:
+            s = entry.work.session
             kept = decisions.Decision(
-                action=Action.KEEP,
-                next_check_at=next_check_at,
-                failures=w.session.failures,
-                uncertain=w.session.uncertain,
+                action=Action.KEEP, next_check_at=next_check_at, failures=s.failures, uncertain=s.uncertain
             )
-            self._keep(w, kept, checked=answer.verdict is not None)
-            self.events.append(
-                audit.Event(
-                    session_id=w.session.id,
-                    action="held",
-                    outcome=answer.verdict.value if answer.verdict else str(answer.failure),
-                    reason=decision.reason,
-                    request_id=answer.request_id,
-                )
-            )
-        self.counts.held += len(self.revocations)
+            reason = entry.decision.reason or "invalid_token"
+            checked = entry.answer.verdict is not None
+            self.keep.append(_Decided(entry.work, kept, entry.answer, entry.outcome, checked, held_reason=reason))
         self.revocations = []
 
-    def audit_refreshed(self, w: _Work, answer: Answer) -> None:
-        self.events.append(audit.Event.refreshed(w.session.id, answer.request_id))
+    def _keep_row(self, entry: _Decided) -> dict[str, object]:
+        d = entry.decision
+        return self._guard(entry.work) | {
+            "next_check_at": d.next_check_at,
+            "failures": d.failures,
+            "uncertain": d.uncertain,
+            "active_expires_at": d.active_expires_at,
+            "checked": entry.checked,
+        }
 
     def apply(self, db: orm.Session, now: datetime) -> None:
-        revoke = []
-        for w, decision, answer, outcome in self.revocations:
-            reason = decision.reason or "invalid_token"
-            revoke.append(self._guard(w) | {"reason": reason})
-            self.counts.revoked += 1
-            self.counts.reasons[reason] += 1
-            self.events.append(audit.Event.of(w.session.id, decision, answer, outcome=outcome))
-        queries.record_checks(db, self.keep, now=now)
-        queries.revoke(db, revoke, now=now)
-        queries.drop_refresh_tokens(db, self.dropped)
-        audit.record(db, self.events, now=now)
+        """Write the batch's decisions; count and audit only those the database took."""
+        kept = queries.record_checks(db, [self._keep_row(e) for e in self.keep], now=now)
+        revoked = queries.revoke(
+            db,
+            [self._guard(e.work) | {"reason": e.decision.reason or "invalid_token"} for e in self.revocations],
+            now=now,
+        )
+        queries.drop_refresh_tokens(
+            db, [e.work.session.id for e in self.keep if e.decision.drop_refresh_token and e.work.session.id in kept]
+        )
+        events: list[audit.Event] = []
+        counts = self.counts
+        for e in self.keep:
+            if e.work.session.id not in kept:
+                counts.dropped += 1
+            elif e.held_reason is not None:
+                counts.held += 1
+                answer = e.answer
+                outcome = answer.verdict.value if answer.verdict else str(answer.failure)
+                events.append(
+                    audit.Event(
+                        session_id=e.work.session.id,
+                        action="held",
+                        outcome=outcome,
+                        reason=e.held_reason,
+                        request_id=answer.request_id,
+                    )
+                )
+            else:
+                if e.decision.failures:
+                    counts.failed += 1
+                else:
+                    counts.kept += 1
+                events.append(audit.Event.of(e.work.session.id, e.decision, e.answer, outcome=e.outcome))
+        for e in self.revocations:
+            if e.work.session.id not in revoked:
+                counts.dropped += 1
+                continue
+            reason = e.decision.reason or "invalid_token"
+            counts.revoked += 1
+            counts.reasons[reason] += 1
+            events.append(audit.Event.of(e.work.session.id, e.decision, e.answer, outcome=e.outcome))
+        audit.record(db, events, now=now)
 
 
 def _settled(item: wire.SessionItem | None) -> tuple[decisions.Settled, Answer]:

@@ -129,20 +129,22 @@ def _guard() -> list[sa.ColumnElement[bool]]:
     ]
 
 
-def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> None:
-    """Write kept sessions' new facts and release their leases: one statement for the batch.
+def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> set[int]:
+    """Write kept sessions' new facts and release their leases; returns the ids actually written.
 
     Each row: ``b_id``, ``b_claim``, ``b_version``, ``next_check_at``, ``failures``, ``uncertain``,
     ``active_expires_at`` (None keeps the stored one), ``checked`` (whether Pangea answered).
+    A row whose lease or version moved on is not written, and its id is not returned: the caller
+    reports only what was applied. PostgreSQL: one statement for the batch.
     """
     params = [
         row | {"b_now": now, "b_checked_at": now if row.pop("checked") else None} for row in (dict(r) for r in rows)
     ]
     if not params:
-        return
+        return set()
     if db.get_bind().dialect.name == "postgresql":
-        db.execute(_RECORD_CHECKS_PG, _columns(params, _RECORD_CHECKS_KEYS) | {"b_now": now})
-        return
+        result = db.execute(_RECORD_CHECKS_PG, _columns(params, _RECORD_CHECKS_KEYS) | {"b_now": now})
+        return {int(i) for i in result.scalars()}
     stmt = (
         sa.update(_T)
         .where(*_guard())
@@ -162,7 +164,16 @@ def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datet
             version=_T.c.version + 1,
         )
     )
-    db.execute(stmt, params)
+    return _applied(db, stmt, params)
+
+
+def _applied(db: orm.Session, stmt: sa.Update, params: Sequence[dict[str, Any]]) -> set[int]:
+    """Run a guarded UPDATE once per row (SQLite: no RETURNING with executemany); the ids it changed."""
+    returning = stmt.returning(_T.c.id)
+    applied: set[int] = set()
+    for row in params:
+        applied.update(int(i) for i in db.execute(returning, row).scalars())
+    return applied
 
 
 #: PostgreSQL: :func:`record_checks` as one statement over arrays (``unnest``), not one UPDATE per row.
@@ -186,6 +197,7 @@ _RECORD_CHECKS_PG = sa.text(
     ) AS v(id, claim, version, next_check_at, failures, uncertain, active_expires_at, checked_at)
     WHERE sessions.id = v.id AND sessions.claim_token = v.claim AND sessions.version = v.version
       AND sessions.state = 'active'
+    RETURNING sessions.id
     """
 )
 _RECORD_CHECKS_KEYS = (
@@ -205,14 +217,15 @@ def _columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, l
     return {key: [row[key] for row in rows] for key in keys}
 
 
-def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> None:
-    """End claimed sessions as ``revoked`` with their reason: one statement for the batch.
+def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> set[int]:
+    """End claimed sessions as ``revoked`` with their reason; returns the ids actually revoked.
 
-    Each row: ``b_id``, ``b_claim``, ``b_version``, ``reason``.
+    Each row: ``b_id``, ``b_claim``, ``b_version``, ``reason``. Revocations are rare, so each row
+    is its own statement: a row whose lease or version moved on is left alone and not returned.
     """
     params = [dict(r) | {"b_now": now} for r in rows]
     if not params:
-        return
+        return set()
     stmt = (
         sa.update(_T)
         .where(*_guard())
@@ -227,7 +240,7 @@ def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) ->
             version=_T.c.version + 1,
         )
     )
-    db.execute(stmt, params)
+    return _applied(db, stmt, params)
 
 
 def release(db: orm.Session, *, claim_token: str) -> int:
@@ -242,57 +255,68 @@ def release(db: orm.Session, *, claim_token: str) -> int:
 
 
 def begin_refresh(
-    db: orm.Session, sessions: Sequence[ClaimedSession], *, now: datetime, lease: timedelta
-) -> dict[int, int]:
-    """Take the refresh right on these sessions by compare-and-swap; returns ``{id: new version}``.
+    db: orm.Session, session: ClaimedSession, *, now: datetime, lease: timedelta, hold_token: str
+) -> int | None:
+    """Take the refresh hold on one claimed session by compare-and-swap; returns the new version.
 
-    A row whose version moved since the claim (the app logged it out, another worker's lease
-    took over) is skipped. The row is marked ``uncertain`` *before* Pangea is called, so a worker
-    that dies mid-refresh leaves a trace: the next one will not revoke on the spent refresh token.
+    Called just before the refresh request goes out (never earlier: time spent queueing for the
+    concurrency bound or the rate limit must not eat into the hold). The hold has its own token, so
+    giving back the batch's claim (:func:`release`) never frees a row whose refresh is in flight. The
+    row is marked ``uncertain`` *before* Pangea is called, so a worker that dies mid-refresh leaves a
+    trace: the next one settles it before any refresh token goes out again. None when the row moved
+    on since the claim (the app logged it out, another worker's claim took over).
     """
-    if not sessions:
-        return {}
-    claim_token = sessions[0].claim_token
     stmt = (
         sa.update(S)
         .where(
-            sa.tuple_(S.id, S.version).in_([(s.id, s.version) for s in sessions]),
-            S.claim_token == claim_token,
+            S.id == session.id,
+            S.version == session.version,
+            S.claim_token == session.claim_token,
             models.session_is_active(),
         )
-        .values(uncertain=True, claimed_until=now + lease, version=S.version + 1, updated_at=now)
-        .returning(S.id, S.version)
+        .values(
+            uncertain=True, claimed_until=now + lease, claim_token=hold_token, version=S.version + 1, updated_at=now
+        )
+        .returning(S.version)
         .execution_options(synchronize_session=False)
     )
-    return {row.id: row.version for row in db.execute(stmt)}
+    version = db.execute(stmt).scalar()
+    return None if version is None else int(version)
 
 
-def store_refreshed(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) -> None:
-    """Write rotated tokens and release the leases: one statement for the batch.
+#: The columns :func:`store_refreshed` writes from a refresh's answer.
+_REFRESHED_COLUMNS = (
+    "active_token_id",
+    "active_token_enc",
+    "active_token_hash",
+    "refresh_token_enc",
+    "active_expires_at",
+    "active_issued_at",
+    "refresh_expires_at",
+    "pangea_session_id",
+    "next_check_at",
+)
 
-    Each row: ``b_id``, ``b_claim``, ``b_version``, ``active_token_id``, ``active_token_enc``,
-    ``active_token_hash``, ``refresh_token_enc``, ``active_expires_at``, ``active_issued_at``,
-    ``refresh_expires_at``, ``pangea_session_id``, ``next_check_at``.
+
+def store_refreshed(db: orm.Session, row: dict[str, Any], *, now: datetime) -> bool:
+    """Write one refresh's rotated tokens and release its hold; False when the session ended meanwhile.
+
+    ``row``: ``b_id``, ``b_old_active_token_id`` and the columns of :data:`_REFRESHED_COLUMNS`.
+    Guarded by the active token the refresh replaced, not by the hold: new tokens that reached us
+    are the freshest fact there is, so they are stored even if the hold lapsed and another worker
+    took the row meanwhile (that worker settles the row before presenting the refresh token, sees
+    Pangea's new active token, and its own write loses the version race). Only an ended session, or
+    one whose tokens someone else already replaced, is left alone.
     """
-    params = [dict(r) | {"b_now": now} for r in rows]
-    if not params:
-        return
-    columns = (
-        "active_token_id",
-        "active_token_enc",
-        "active_token_hash",
-        "refresh_token_enc",
-        "active_expires_at",
-        "active_issued_at",
-        "refresh_expires_at",
-        "pangea_session_id",
-        "next_check_at",
-    )
     stmt = (
         sa.update(_T)
-        .where(*_guard())
+        .where(
+            _T.c.id == sa.bindparam("b_id"),
+            _T.c.active_token_id == sa.bindparam("b_old_active_token_id"),
+            _T.c.state == sa.literal_column("'active'"),
+        )
         .values(
-            **{c: sa.bindparam(c) for c in columns},
+            **{c: sa.bindparam(c) for c in _REFRESHED_COLUMNS},
             # The replaced token keeps authenticating for a grace period (worker.sessions); SET
             # expressions read the row as it was, so this is the old active token's hash.
             previous_token_hash=_T.c.active_token_hash,
@@ -306,7 +330,15 @@ def store_refreshed(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: dat
             version=_T.c.version + 1,
         )
     )
-    db.execute(stmt, params)
+    return bool(_applied(db, stmt, [dict(row) | {"b_now": now}]))
+
+
+def ended_session(db: orm.Session, session_id: int) -> tuple[str, str] | None:
+    """``(user_id, state)`` of a session that is no longer active; None while it is active (or gone)."""
+    row = db.execute(sa.select(S.user_id, S.state).where(S.id == session_id)).one_or_none()
+    if row is None or row.state is models.SessionState.ACTIVE:
+        return None
+    return row.user_id, str(row.state)
 
 
 def drop_refresh_tokens(db: orm.Session, ids: Sequence[int]) -> None:

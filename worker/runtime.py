@@ -84,6 +84,7 @@ class Runtime:
             concurrency=s.concurrency,
             lease=s.lease,
             refresh_lease=s.refresh_lease,
+            refresh_timeout=s.refresh_timeout,
             bulk=s.bulk_revalidation,
             guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
             batches_in_flight=s.batches_in_flight,

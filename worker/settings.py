@@ -253,6 +253,22 @@ class Settings(BaseSettings):
         return self.pangea_authn_token is not None and self.authn_token.startswith("pts_")
 
     @property
+    def capabilities(self) -> dict[str, bool]:
+        """What the configured token lets the worker do at Pangea (``session-sync check`` shows it).
+
+        A service token may call every endpoint; a client token only ``/v2/client/*``: per-token
+        checks, refreshes and session logouts work, while bulk revalidation, ending a session by its
+        id and one-call user-wide logouts do not (a user logout then ends each session we know of).
+        """
+        service = self.has_service_token
+        return {
+            "per_token_checks": True,
+            "bulk_revalidation": service,
+            "user_logout_in_one_call": service,
+            "invalidate_by_session_id": service,
+        }
+
+    @property
     def bulk_revalidation(self) -> bool:
         """Whether sweeps ask ``/v2/session/list`` in bulk (auto: when the token is a service token)."""
         if self.revalidation == "auto":
@@ -260,10 +276,16 @@ class Settings(BaseSettings):
         return self.revalidation == "bulk"
 
     @property
+    def refresh_timeout(self) -> timedelta:
+        """The longest one refresh request may be in flight: one attempt, three HTTP timeouts, then abandoned."""
+        return timedelta(seconds=self.http_timeout * 3)
+
+    @property
     def refresh_lease(self) -> timedelta:
-        """How long a refresh holds its session: the longest the refresh call can take (3 timeouts),
-        plus the ordinary lease as a margin, so no other worker takes the row while it may be in flight."""
-        return self.lease + timedelta(seconds=self.http_timeout * 3)
+        """How long a refresh holds its session: taken as the request goes out, it covers the longest
+        the request can be in flight (:attr:`refresh_timeout`), plus the ordinary lease as a margin for
+        writing the answer and for clocks that disagree, so no other worker takes the row meanwhile."""
+        return self.refresh_timeout + self.lease
 
     @property
     def is_sqlite(self) -> bool:

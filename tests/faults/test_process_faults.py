@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,20 +80,29 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 class Run:
     """One scenario: the world, the workers, and the runtime the test judges with."""
 
-    def __init__(self, pg_url: str, emu: RunningEmulator, broker: str, tmp_path: Path, scenario: str) -> None:
-        self.env = fault_env(
-            pg_url, emu.base_url, emu.service_token, CELERY_BROKER_URL=broker, SESSION_SYNC_BATCH_SIZE="10"
-        )
+    def __init__(
+        self,
+        pg_url: str,
+        emu: RunningEmulator,
+        broker: str,
+        tmp_path: Path,
+        scenario: str,
+        *,
+        env: dict[str, str] | None = None,
+        ttl: Callable[[int], float] | None = None,
+    ) -> None:
+        extra = {"SESSION_SYNC_BATCH_SIZE": "10"} | (env or {})
+        self.env = fault_env(pg_url, emu.base_url, emu.service_token, CELERY_BROKER_URL=broker, **extra)
         self.scenario = scenario
         self.tmp_path = tmp_path
         self.rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
-        self.world = World(self.rt, emu, tag=scenario)
+        self.world = World(self.rt, emu, tag=scenario, ttl=ttl)
         self.workers: list[harness.WorkerProcess] = []
 
-    def start_worker(self, name: str) -> harness.WorkerProcess:
+    def start_worker(self, name: str, *args: str) -> harness.WorkerProcess:
         workdir = self.tmp_path / name  # each beat keeps its own schedule file
         workdir.mkdir(exist_ok=True)
-        worker = harness.start_worker(self.env, workdir, *WORKER_ARGS, name=name)
+        worker = harness.start_worker(self.env, workdir, *(args or WORKER_ARGS), name=name)
         self.workers.append(worker)
         return worker
 
@@ -124,8 +133,8 @@ def run_for(
 ) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def make(scenario: str) -> Run:
-        run = Run(pg_url, emu, own_redis.url, tmp_path, scenario)
+    def make(scenario: str, **options: Any) -> Run:
+        run = Run(pg_url, emu, own_redis.url, tmp_path, scenario, **options)
         runs.append(run)
         return run
 
@@ -251,3 +260,41 @@ def test_two_beats(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFix
         slots = db.execute(sa.select(sa.func.count()).select_from(models.SweepRun)).scalar_one()
     assert duplicates > 0, "only one beat fired"
     report(capsys, Figures(**{**figures.__dict__, "notes": {"sweeps": slots, "duplicate_sweeps": duplicates}}))
+
+
+def test_slow_throttled_refreshes_with_three_workers(
+    run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #12 as reported: refreshes that take Pangea 7.5 s, 70 % of them throttled, three workers.
+
+    Before the hold covered the whole time a refresh can be in flight, other workers took rows whose
+    refresh was still queued or in flight and presented the same refresh token again.
+    """
+    env = {
+        "SESSION_SYNC_LEASE": "20s",
+        "SESSION_SYNC_HTTP_TIMEOUT": "3",
+        "SESSION_SYNC_HTTP_RETRIES": "3",
+        "SESSION_SYNC_REFRESH_MARGIN": "8s",
+        "SESSION_SYNC_CHECK_INTERVAL": "10s",
+        "SESSION_SYNC_SWEEP_PERIOD": "2s",
+        "SESSION_SYNC_BATCH_SIZE": "500",
+    }
+    run = run_for("slow_throttled_refresh", env=env, ttl=lambda i: 15.0 + (i % 11))
+    # Given three workers of two processes each, and one beat
+    run.start_worker("w1", "-B", "--pool=prefork", "--concurrency=2")
+    run.start_worker("w2", "--pool=prefork", "--concurrency=2")
+    run.start_worker("w3", "--pool=prefork", "--concurrency=2")
+    run.wait_calm()
+    # When Pangea answers refreshes after 7.5 s, and throttles 70 % of them with Retry-After: 5
+    emu.admin.faults(
+        latency_ms=7500, error="TooManyRequests", error_rate=0.7, retry_after=5, paths=["/v2/client/session/refresh"]
+    )
+    run.world.doom()
+    run.world.leave()
+    time.sleep(30)
+    emu.admin.clear_faults()
+    healed = datetime.now(UTC)
+    # Then no refresh token was presented twice, and the audit trail says only what was done
+    refreshed = run.count(S.rotated_at.is_not(None))
+    report(capsys, run.judge(healed, refreshed=refreshed))
+    assert refreshed > 0, "no session was refreshed: the scenario proved nothing"

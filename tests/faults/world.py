@@ -77,6 +77,9 @@ class Figures:
     #: Refreshes Pangea performed whose answer never reached us: those users must log in again
     #: when the active token they hold lapses. Not wrong revocations: no one holds those tokens.
     lost_in_transit: int = 0
+    #: Audit events of a revocation that the rows do not bear out (the row is not revoked, or
+    #: not for that reason, or is revoked more than once): the trail must report only what was done.
+    audit_unapplied: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -84,19 +87,30 @@ class Figures:
         return (
             f"fault {self.scenario}: wrongly_revoked={self.wrongly_revoked} missed={self.missed} "
             f"lost_logouts={self.lost_logouts} refresh_reused={self.refresh_reused} "
-            f"recovered_in={self.recovered_in:.1f}s lost_in_transit={self.lost_in_transit}{extra}"
+            f"recovered_in={self.recovered_in:.1f}s lost_in_transit={self.lost_in_transit} "
+            f"audit_unapplied={self.audit_unapplied}{extra}"
         )
 
     def assert_invariants(self) -> None:
-        assert (self.wrongly_revoked, self.missed, self.lost_logouts, self.refresh_reused) == (0, 0, 0, 0), self.line()
+        figures = (self.wrongly_revoked, self.missed, self.lost_logouts, self.refresh_reused, self.audit_unapplied)
+        assert figures == (0, 0, 0, 0, 0), self.line()
 
 
 class World:
     """``size`` sessions, a fifth doomed and a fifth leaving, half of each group short-lived."""
 
-    def __init__(self, rt: runtime.Runtime, emu: RunningEmulator, *, size: int = 60, tag: str = "w") -> None:
+    def __init__(
+        self,
+        rt: runtime.Runtime,
+        emu: RunningEmulator,
+        *,
+        size: int = 60,
+        tag: str = "w",
+        ttl: Callable[[int], float] | None = None,
+    ) -> None:
         self.rt = rt
         self.emu = emu
+        self._ttl = ttl or (lambda i: SHORT_TTL if i % 2 else 3600.0)
         logins = _run(self._logins([f"{tag}{i}@example.com" for i in range(size)]))
         with rt.sessions.begin() as db:
             self.ids = [sessions.record_login(db, u, cipher=rt.cipher, policy=rt.policy).id for u in logins]
@@ -114,7 +128,7 @@ class World:
         ):
 
             async def one(i: int, email: str) -> dict[str, Any]:
-                ttl = SHORT_TTL if i % 2 else 3600.0
+                ttl = self._ttl(i)
                 async with gate:
                     answer = await admin.post("/emulator/login", json={"email": email, "active_ttl": ttl})
                     answer.raise_for_status()
@@ -165,6 +179,11 @@ class World:
         with self.rt.sessions() as db:
             rows = {r.id: r for r in db.execute(sa.select(S.id, S.state, S.end_reason, S.active_token_id))}
             undelivered = db.execute(sa.select(sa.func.count()).where(E.state != "delivered")).scalar_one()
+            revocations = db.execute(
+                sa.select(models.SessionEvent.session_id, models.SessionEvent.reason).where(
+                    models.SessionEvent.action == "revoked"
+                )
+            ).all()
         live = _run(_pangea_sessions(self.emu, list(self._pangea_ids.values())))
         revoked = [sid for sid, r in rows.items() if r.state is models.SessionState.REVOKED]
         carries_ours = {
@@ -190,8 +209,23 @@ class World:
             refresh_reused=int(self.emu.admin.stats()["refresh_reused"]),
             recovered_in=recovered_in,
             lost_in_transit=len(in_transit),
+            audit_unapplied=_audit_unapplied(rows, revocations),
             notes=notes,
         )
+
+
+def _audit_unapplied(rows: dict[int, Any], revocations: list[Any]) -> int:
+    """Revocation events the rows do not bear out: one per revoked row, with the row's reason."""
+    seen: set[int] = set()
+    bad = 0
+    for session_id, reason in revocations:
+        row = rows.get(session_id)
+        if row is None or row.state is not models.SessionState.REVOKED or row.end_reason != reason:
+            bad += 1
+        elif session_id in seen:
+            bad += 1
+        seen.add(session_id)
+    return bad
 
 
 def wait_caught_up(world: World, since: datetime, *, step: Callable[[], None], timeout: float) -> float:

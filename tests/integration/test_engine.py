@@ -49,6 +49,7 @@ def test_resync_revokes_the_dead_refreshes_the_expiring_and_leaves_the_healthy(
         "failed": 0,
         "kept": 3,
         "held": 0,
+        "dropped": 0,
         "stopped": False,
         "revoked_by_reason": None,
     }
