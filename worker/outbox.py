@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import event, orm
 
@@ -38,6 +39,8 @@ from worker import outbox_queries as oq
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The Celery task that delivers due logouts (stable: other languages and Flower send it by name).
 TASK_NAME = "session_sync.deliver_logouts"
@@ -129,7 +132,12 @@ class Delivery:
         rng: random.Random | None = None,
     ) -> None:
         self._sessions = sessions
+        #: A service token: it may end sessions by id and users by id (``/v2/session/*``).
         self._can_invalidate = can_invalidate
+        #: Pangea refused ``/v2/session/logout`` to this token once: user logouts go session by session.
+        self._user_logout_refused = False
+        bind = sessions.kw.get("bind")
+        self._offload = bind is not None and bind.dialect.name != "sqlite"
         self._guard_limits = guard_limits or guard.Limits()
         self._client = client
         self._cipher = cipher
@@ -195,6 +203,8 @@ class Delivery:
                 return batch.rejected
             try:
                 ended = await self._call(ev)
+            except _EndpointRefused as exc:
+                return od.Result(outcome=od.Outcome.REFUSED, error=od.clip(str(exc)))
             except errors.AuthnRejectedUs as exc:
                 batch.rejected = od.Result(outcome=od.Outcome.REJECTED_US, error=_describe(exc))
                 return batch.rejected
@@ -209,7 +219,7 @@ class Delivery:
 
     async def _call(self, ev: oq.ClaimedEvent) -> wire.Ended:
         if ev.kind is models.OutboxKind.USER:
-            return await self._client.session_logout(ev.user_id)
+            return await self._logout_user(ev)
         if ev.token_enc is None:
             raise errors.CryptoError("the event holds no token to log out with")
         ended = await self._client.client_logout(self._cipher.decrypt(ev.token_enc))
@@ -218,11 +228,78 @@ class Delivery:
         # ExpiredToken / InvalidToken speak of the token we hold, not of its session: an active token
         # lapses (a refresh failed, the user logged out just before one) while its session lives on
         # at Pangea. With a service token, end the session itself, by its id.
-        pangea_id = self._pangea_session_id(ev.session_id)
+        session_id = ev.session_id
+        pangea_id = await self._read(lambda: self._pangea_session_id(session_id))
         if pangea_id is None:
             return ended
         await self._limiter.acquire()
-        return await self._client.session_invalidate(pangea_id)
+        try:
+            return await self._client.session_invalidate(pangea_id)
+        except errors.AuthnRejectedUs:
+            # /v2/client/session/logout just accepted our token: this refusal is about the endpoint.
+            raise _EndpointRefused(
+                "PANGEA_AUTHN_TOKEN may not call /v2/session/invalidate (Unauthorized), and the session's "
+                "active token had lapsed: the session cannot be ended at Pangea with this token"
+            ) from None
+
+    async def _logout_user(self, ev: oq.ClaimedEvent) -> wire.Ended:
+        """End every session of a user at Pangea, whatever the token.
+
+        With a service token: ``/v2/session/logout``, confirmed by the sessions we know of (they
+        must have been live at Pangea: a wrong project answers Success and has none of them, which
+        is "already logged out" for the guard to weigh). A client token cannot call it (nor can a
+        service token without that right, which Pangea answers Unauthorized): then each session we
+        know of is ended with its own active token, ``/v2/client/session/logout``. That cannot reach
+        the user's sessions in other apps.
+        """
+        known = await self._read(lambda: self._sessions_ended_by(ev))
+        if self._can_invalidate and not self._user_logout_refused:
+            try:
+                return await self._logout_user_by_id(ev, known)
+            except errors.AuthnRejectedUs:
+                self._user_logout_refused = True
+                logger.warning(
+                    "PANGEA_AUTHN_TOKEN may not call /v2/session/logout; user-wide logouts end each "
+                    "known session with its own token instead",
+                    extra={"action": "outbox_user_logout_fallback"},
+                )
+        return await self._logout_each(known)
+
+    async def _logout_user_by_id(self, ev: oq.ClaimedEvent, known: list[oq.KnownSession]) -> wire.Ended:
+        ids = [k.pangea_session_id for k in known if k.pangea_session_id]
+        live: set[str] = set()
+        if ids:
+            page = await self._client.session_list(filter={"id__in": ids}, size=len(ids))
+            live = {item.id for item in page.sessions}
+            await self._limiter.acquire()
+        ended = await self._client.session_logout(ev.user_id)
+        if ended.verdict is wire.Verdict.VALID and ids and not live:
+            # Pangea ended "all" of the user's sessions, yet knew none of the ones we hold: perhaps the
+            # wrong project. Counted as already logged out, which the guard holds when it is a mass one.
+            return wire.Ended(verdict=wire.Verdict.INVALID, request_id=ended.request_id)
+        return ended
+
+    async def _logout_each(self, known: list[oq.KnownSession]) -> wire.Ended:
+        """End each known session with its own active token; VALID if Pangea ended any of them now."""
+        verdict, request_id = wire.Verdict.INVALID, None
+        for i, session in enumerate(known):
+            if i:
+                await self._limiter.acquire()
+            ended = await self._client.client_logout(self._cipher.decrypt(session.active_token_enc))
+            request_id = ended.request_id
+            if ended.verdict is wire.Verdict.VALID:
+                verdict = wire.Verdict.VALID
+        return wire.Ended(verdict=verdict, request_id=request_id or "")
+
+    async def _read(self, query: Callable[[], T]) -> T:
+        """A short read beside the calls in flight: in a thread on PostgreSQL, inline on SQLite (as the engine)."""
+        if self._offload:
+            return await asyncio.to_thread(query)
+        return query()
+
+    def _sessions_ended_by(self, ev: oq.ClaimedEvent) -> list[oq.KnownSession]:
+        with self._sessions() as db:
+            return oq.sessions_ended_by(db, user_id=ev.user_id, since=ev.created_at)
 
     def _hold_already(self, db: orm.Session, results: list[od.Result], *, now: datetime) -> bool:
         """Whether this batch's "already logged out" answers must be held (see worker.guard)."""
@@ -302,6 +379,10 @@ class Delivery:
             audit.record(db, trail, now=now)
         logger.info("Logouts delivered", extra={"action": "outbox_batch", **counts.as_dict()})
         return counts
+
+
+class _EndpointRefused(Exception):
+    """Pangea refused one service-only endpoint to a token that its client endpoints accept."""
 
 
 def _describe(exc: errors.SessionSyncError) -> str:

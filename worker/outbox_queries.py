@@ -139,6 +139,26 @@ def add_user_logout(db: orm.Session, *, user_id: str, now: datetime) -> int:
 # --- delivery ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KnownSession:
+    """One of a user's sessions that a user-wide logout ended here: its Pangea id and (encrypted) active token."""
+
+    id: int
+    pangea_session_id: str | None
+    active_token_enc: str
+
+
+def sessions_ended_by(db: orm.Session, *, user_id: str, since: datetime) -> list[KnownSession]:
+    """The user's local sessions that were logged out at or after ``since`` (a user-wide logout's sessions)."""
+    S = models.LocalSession
+    stmt = (
+        sa.select(S.id, S.pangea_session_id, S.active_token_enc)
+        .where(S.user_id == user_id, S.state == models.SessionState.LOGGED_OUT, S.ended_at >= since)
+        .order_by(S.id)
+    )
+    return [KnownSession(**row._asdict()) for row in db.execute(stmt)]
+
+
 def _due(now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(
         models.event_is_pending(),
