@@ -51,13 +51,29 @@ def db_upgrade(revision: str) -> None:
 @click.option("--port", default=8900, show_default=True, type=click.IntRange(1, 65535))
 @clear_errors
 def emulator(host: str, port: int) -> None:
-    """Serve the Pangea AuthN emulator (tokens from EMULATOR_SERVICE_TOKEN / EMULATOR_CLIENT_TOKEN)."""
+    """Serve the Pangea AuthN emulator.
+
+    Tokens from EMULATOR_SERVICE_TOKEN / EMULATOR_CLIENT_TOKEN (default: the development tokens
+    pts_sessionsyncemulatorservicetoken2 / pcl_sessionsyncemulatorclienttoken22). The rules Pangea
+    does not document: EMULATOR_ROTATION (session-id, new-refresh-id, distinct-session-id) and
+    EMULATOR_ACTIVE_TOKENS (opaque, jwt).
+    """
     from worker import emulator as emu
+    from worker.emulator import store
 
     service = os.environ.get("EMULATOR_SERVICE_TOKEN") or emu.DEFAULT_SERVICE_TOKEN
     client = os.environ.get("EMULATOR_CLIENT_TOKEN") or emu.DEFAULT_CLIENT_TOKEN
+    rules = {
+        "rotation": os.environ.get("EMULATOR_ROTATION") or store.ROTATIONS[0],
+        "active_tokens": os.environ.get("EMULATOR_ACTIVE_TOKENS") or store.ACTIVE_TOKENS[0],
+    }
+    if rules["rotation"] not in store.ROTATIONS or rules["active_tokens"] not in store.ACTIVE_TOKENS:
+        raise click.UsageError(
+            f"EMULATOR_ROTATION must be one of {', '.join(store.ROTATIONS)}; "
+            f"EMULATOR_ACTIVE_TOKENS one of {', '.join(store.ACTIVE_TOKENS)}"
+        )
     click.echo(f"AuthN emulator on http://{host}:{port} (PANGEA_BASE_URL=http://{host}:{port})", err=True)
-    emu.serve(host=host, port=port, service_token=service, client_token=client)
+    emu.serve(host=host, port=port, service_token=service, client_token=client, **rules)
 
 
 def _print_json(data: object) -> None:

@@ -164,6 +164,8 @@ class SyncEngine:
         self._clock = clock
         # Jitter needs no secret randomness: SystemRandom would cost a system call per draw.
         self._rng = rng or random.Random()
+        #: Pangea's session ids learned from its session list, written with the next batch's outcome.
+        self._learned: dict[int, str] = {}
 
     # --- entry points --------------------------------------------------------------------------
 
@@ -290,9 +292,12 @@ class SyncEngine:
             else:
                 outcome.add(w, decision, answers[w.session.id], checked=True)
 
+        learned = {w.session.id: self._learned.pop(w.session.id) for w in work if w.session.id in self._learned}
+
         def write(db: orm.Session) -> None:
             self._hold_if_mass_revocation(db, outcome, checked=len(to_check), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
+            queries.learn_session_ids(db, learned)
 
         await self._in_transaction(write)
         counts = outcome.counts
@@ -348,6 +353,8 @@ class SyncEngine:
                     answers[w.session.id] = Answer(
                         verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire
                     )
+                    if item.id != w.session.pangea_session_id:
+                        self._learned[w.session.id] = item.id
         checks = await asyncio.gather(*(self._guarded(self._check_one(w)) for w in pending))
         answers.update(zip((w.session.id for w in pending), checks, strict=True))
         return answers
@@ -567,7 +574,8 @@ class SyncEngine:
             "active_expires_at": active.expire,
             "active_issued_at": active.created_at,
             "refresh_expires_at": refresh.expire,
-            "pangea_session_id": refresh.id,
+            # Not the new refresh token's id: a session keeps its id across rotations, and which id
+            # Pangea gives the session is learned from its session list (learn_session_ids).
             "next_check_at": decision.next_check_at,
         }
 

@@ -229,17 +229,21 @@ class Delivery:
         # lapses (a refresh failed, the user logged out just before one) while its session lives on
         # at Pangea. With a service token, end the session itself, by its id.
         session_id = ev.session_id
-        pangea_id = await self._read(lambda: self._pangea_session_id(session_id))
-        if pangea_id is None:
+        known = await self._read(lambda: self._known_session(session_id))
+        if known is None:
             return ended
         await self._limiter.acquire()
         try:
+            pangea_id = await self._confirmed_session_id(*known)
+            if pangea_id is None:
+                return ended  # Pangea has no live session of ours to end: it is gone
+            await self._limiter.acquire()
             return await self._client.session_invalidate(pangea_id)
         except errors.AuthnRejectedUs:
             # /v2/client/session/logout just accepted our token: this refusal is about the endpoint.
             raise _EndpointRefused(
-                "PANGEA_AUTHN_TOKEN may not call /v2/session/invalidate (Unauthorized), and the session's "
-                "active token had lapsed: the session cannot be ended at Pangea with this token"
+                "PANGEA_AUTHN_TOKEN may not end a session by its id (/v2/session/*: Unauthorized), and the "
+                "session's active token had lapsed: the session cannot be ended at Pangea with this token"
             ) from None
 
     async def _logout_user(self, ev: oq.ClaimedEvent) -> wire.Ended:
@@ -266,18 +270,16 @@ class Delivery:
         return await self._logout_each(known)
 
     async def _logout_user_by_id(self, ev: oq.ClaimedEvent, known: list[oq.KnownSession]) -> wire.Ended:
-        ids = [k.pangea_session_id for k in known if k.pangea_session_id]
-        live: set[str] = set()
-        if ids:
-            page = await self._client.session_list(filter={"id__in": ids}, size=len(ids))
-            live = {item.id for item in page.sessions}
+        if known:
+            # Does Pangea know this user at all? By the user's id, not by session ids: which id Pangea
+            # gives a session is learned, and a guess must not decide a delivery.
+            page = await self._client.session_list(filter={"identity": ev.user_id}, size=1)
             await self._limiter.acquire()
-        ended = await self._client.session_logout(ev.user_id)
-        if ended.verdict is wire.Verdict.VALID and ids and not live:
-            # Pangea ended "all" of the user's sessions, yet knew none of the ones we hold: perhaps the
-            # wrong project. Counted as already logged out, which the guard holds when it is a mass one.
-            return wire.Ended(verdict=wire.Verdict.INVALID, request_id=ended.request_id)
-        return ended
+            if not page.sessions:
+                # Pangea has no session of this user, yet we ended some just now: already logged
+                # out, or the wrong project (which answers Success too). The guard weighs it.
+                return wire.Ended(verdict=wire.Verdict.INVALID, request_id=page.request_id)
+        return await self._client.session_logout(ev.user_id)
 
     async def _logout_each(self, known: list[oq.KnownSession]) -> wire.Ended:
         """End each known session with its own active token; VALID if Pangea ended any of them now."""
@@ -316,10 +318,28 @@ class Delivery:
             what=guard.LOGOUTS,
         )
 
-    def _pangea_session_id(self, session_id: int) -> str | None:
+    def _known_session(self, session_id: int) -> tuple[str, str, str | None] | None:
+        """``(user id, active token id, Pangea session id as stored)`` of a local session."""
         with self._sessions() as db:
             found = db.get(models.LocalSession, session_id)
-            return found.pangea_session_id if found is not None else None
+            if found is None:
+                return None
+            return found.user_id, found.active_token_id, found.pangea_session_id
+
+    async def _confirmed_session_id(self, user_id: str, active_token_id: str, stored: str | None) -> str | None:
+        """The id Pangea lists our session under, never one it has not confirmed.
+
+        First by the active token we hold (the session that carries it); else the stored id, if
+        Pangea lists a session of this user under it. None when Pangea lists neither.
+        """
+        page = await self._client.session_list(filter={"active_token_id": active_token_id}, size=1)
+        if page.sessions:
+            return page.sessions[0].id
+        if stored is None:
+            return None
+        await self._limiter.acquire()
+        page = await self._client.session_list(filter={"id": stored, "identity": user_id}, size=1)
+        return page.sessions[0].id if page.sessions else None
 
     # --- the outcome ---------------------------------------------------------------------------
 

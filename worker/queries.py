@@ -40,6 +40,8 @@ class ClaimedSession:
     version: int
     claim_token: str
     verified_at: datetime | None
+    #: Pangea's id of the session as we know it (learned from Pangea's session list; see learn_session_ids).
+    pangea_session_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedSession:
@@ -61,6 +63,7 @@ CLAIM_COLUMNS = (
     S.version,
     S.claim_token,
     sa.func.coalesce(S.last_checked_at, S.created_at).label("verified_at"),
+    S.pangea_session_id,
 )
 
 
@@ -293,7 +296,6 @@ _REFRESHED_COLUMNS = (
     "active_expires_at",
     "active_issued_at",
     "refresh_expires_at",
-    "pangea_session_id",
     "next_check_at",
 )
 
@@ -339,6 +341,26 @@ def ended_session(db: orm.Session, session_id: int) -> tuple[str, str] | None:
     if row is None or row.state is models.SessionState.ACTIVE:
         return None
     return row.user_id, str(row.state)
+
+
+def learn_session_ids(db: orm.Session, learned: dict[int, str]) -> int:
+    """Store the session ids Pangea's session list gave for these local sessions; returns how many changed.
+
+    The id written at login (the refresh token's) is a guess; the list's ``id`` is Pangea's word.
+    Rare (once per session at most, and never where the guess was right), so one statement per row;
+    an id that another local row already holds is left alone rather than failing the batch.
+    """
+    changed = 0
+    for session_id, pangea_id in learned.items():
+        taken = sa.select(S.id).where(S.pangea_session_id == pangea_id, S.id != session_id).exists()
+        stmt = (
+            sa.update(S)
+            .where(S.id == session_id, sa.not_(taken))
+            .values(pangea_session_id=pangea_id)
+            .execution_options(synchronize_session=False)
+        )
+        changed += dbmod.rowcount(db.execute(stmt))
+    return changed
 
 
 def drop_refresh_tokens(db: orm.Session, ids: Sequence[int]) -> None:

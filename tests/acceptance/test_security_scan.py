@@ -348,11 +348,15 @@ def log_everyone_in(rt: runtime.Runtime, emu: RunningEmulator) -> Cast:
     cast = Cast()
     cast.refreshers = [cast.login(rt, emu, f"r{i}@scan.example", active_ttl=ACTIVE_TTL).id for i in range(REFRESHERS)]
     cast.doomed = [cast.login(rt, emu, f"d{i}@scan.example").id for i in range(DOOMED)]
+    # From here on the project issues JWT active tokens (refreshes too): the scan must catch both kinds
+    emu.admin.config(active_tokens="jwt")
     cast.mortal = [cast.login(rt, emu, f"m{i}@scan.example", active_ttl=2, refresh_ttl=2).id for i in range(MORTAL)]
     cast.leaving = [cast.login(rt, emu, f"l{i}@scan.example").id for i in range(LEAVING)]
     cast.user_leaving = cast.login(rt, emu, "everywhere@scan.example").user_id
     cast.login(rt, emu, "everywhere@scan.example")
     cast.healthy = [cast.login(rt, emu, f"h{i}@scan.example").id for i in range(HEALTHY)]
+    kinds = {token[:4] for token in cast.tokens}
+    assert {"ptu_", "ptr_"} <= kinds and any(k.startswith("eyJ") for k in kinds), "both kinds of active token"
     return cast
 
 
@@ -521,7 +525,9 @@ def test_no_secret_of_a_live_run_shows_anywhere(
         assert '{"slot": "' in reveal("\n".join(line for line in tap.lines if "session_sync.check_batch" in line))
         assert not [w for w, text in outside.items() if "[REDACTED]" in text], "something tried to log a secret"
 
-        prove_the_scanner_finds_a_leak(scanner, redis_url, pg_url, sorted(minted - cast.tokens)[0])
+        refreshed = sorted(minted - cast.tokens)
+        for token in (next(t for t in refreshed if t.startswith("ptr_")), next(t for t in refreshed if t[:3] == "eyJ")):
+            prove_the_scanner_finds_a_leak(scanner, redis_url, pg_url, token)
         log_bytes = sum(len(t) for w, t in outside.items() if w.startswith("file "))
         with capsys.disabled():
             print(
@@ -540,7 +546,8 @@ def test_no_secret_of_a_live_run_shows_anywhere(
 def prove_the_scanner_finds_a_leak(scanner: Scanner, redis_url: str, pg_url: str, token: str) -> None:
     """A token planted in a Redis key, in a base64 Celery-style body, and in a row is found: the scan is not vacuous."""
     client = redis.Redis.from_url(redis_url)
-    body = base64.b64encode(json.dumps([[], {"note": token.split("_", 1)[1]}, {}]).encode()).decode()
+    inner = token.split("_", 1)[1] if PREFIXED.match(token) else token  # a prefixed token by its body alone
+    body = base64.b64encode(json.dumps([[], {"note": inner}, {}]).encode()).decode()
     try:
         client.set("session-sync-scan:planted", f"oops {token}")
         client.rpush("session-sync-scan:queue", json.dumps({"body": body, "content-encoding": "utf-8"}))
@@ -555,7 +562,7 @@ def prove_the_scanner_finds_a_leak(scanner: Scanner, redis_url: str, pg_url: str
     engine = sa.create_engine(pg_url)
     try:
         with engine.connect() as conn:
-            conn.execute(sa.update(models.LocalSession).values(email=f"x{token}@example.com"))
+            conn.execute(sa.update(models.LocalSession).values(active_token_enc=f"x{token}"))
             assert database_texts(conn)[0] and scanner.scan(database_texts(conn)[0])
             conn.rollback()
             assert scanner.scan(database_texts(conn)[0]) == []

@@ -156,3 +156,53 @@ def test_create_app_wants_two_distinct_tokens() -> None:
         emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_SERVICE_TOKEN)
     with pytest.raises(ValueError):
         emulator.create_app(service_token="", client_token=emulator.DEFAULT_CLIENT_TOKEN)
+
+
+@pytest.mark.parametrize(
+    ("rotation", "first_is_session", "kept"),
+    [("session-id", True, True), ("new-refresh-id", True, False), ("distinct-session-id", False, False)],
+)
+def test_each_rotation_rule_names_the_session_as_it_says(rotation: str, first_is_session: bool, kept: bool) -> None:
+    s = store.Store(rotation=rotation)
+    session = new_session(s)
+    first = session.refresh.id
+    s.refresh(session.refresh.secret, None, T0 + 10)
+    # The session keeps its id under every rule; the refresh token's id follows the rule
+    assert s.session(session.id, T0 + 11) is session
+    assert (first == session.id) is first_is_session
+    assert (session.refresh.id == first) is kept
+
+
+def test_jwt_active_tokens_are_signed_with_the_key_jwks_serves() -> None:
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from worker.emulator import jwt
+
+    key = jwt.SigningKey.generate()
+    s = store.Store(active_tokens="jwt", sign=key.sign)
+    token = new_session(s).active
+
+    def part(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    header, payload, signature = token.secret.split(".")
+    claims = json.loads(part(payload))
+    assert json.loads(part(header)) == {"alg": "ES256", "typ": "JWT", "kid": key.kid}
+    assert (claims["jti"], claims["exp"]) == (token.id, int(token.expire))
+    assert 800 < len(token.secret) < 2000, "about a kilobyte, as real ones are"
+    jwk = key.jwks()["keys"][0]
+    public = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(part(jwk["x"]), "big"), int.from_bytes(part(jwk["y"]), "big"), ec.SECP256R1()
+    ).public_key()
+    raw = part(signature)
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    public.verify(der, f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))  # raises if forged
+    # ... and the store looks it up like any secret
+    assert s.lookup(token.secret, T0 + 1) is token
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        store.Store(rotation="sometimes")

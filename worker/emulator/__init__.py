@@ -40,13 +40,14 @@ def serve(
     port: int = 8900,
     service_token: str = DEFAULT_SERVICE_TOKEN,
     client_token: str = DEFAULT_CLIENT_TOKEN,
+    **rules: str,
 ) -> None:
-    """Run the emulator under uvicorn until interrupted (blocking).
+    """Run the emulator under uvicorn until interrupted (blocking); ``rules``: see :func:`create_app`.
 
     No access log (it would cost more than the emulator itself under a benchmark). A request held by a
     ``Timeout`` fault delays a stop by at most five seconds.
     """
     import uvicorn  # only the server needs it
 
-    app = create_app(service_token=service_token, client_token=client_token)
+    app = create_app(service_token=service_token, client_token=client_token, **rules)
     uvicorn.run(app, host=host, port=port, access_log=False, timeout_graceful_shutdown=5)

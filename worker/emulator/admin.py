@@ -52,6 +52,12 @@ class EmulatorAdmin:
         """``{"requests": {"<path>": {"<http status>": count}}}`` since the last reset."""
         return dict(self._call("GET", "/emulator/stats"))
 
+    def config(self, **rules: str) -> dict[str, str]:
+        """Set the rules Pangea does not document: ``rotation``, ``active_tokens`` (none: read them)."""
+        if not rules:
+            return dict(self._call("GET", "/emulator/config"))
+        return dict(self._call("POST", "/emulator/config", rules))
+
     def reset(self) -> None:
         """Forget every session, code, counter and fault."""
         self._call("POST", "/emulator/reset", {})

@@ -8,7 +8,8 @@ the endpoint. Any answer from an endpoint is counted in the stats, faulted ones 
 
 Admin surface (no auth; faults never apply): ``POST /emulator/login``, ``POST /emulator/seed``
 (bulk sessions for benchmarks, ids from ``store.seeded``), ``POST /emulator/faults``,
-``GET /emulator/faults``, ``GET /emulator/stats``, ``POST /emulator/reset``. Its errors are plain
+``GET /emulator/faults``, ``GET /emulator/stats``, ``POST /emulator/reset``, ``POST|GET
+/emulator/config`` (the rotation rule and the kind of active token, see ``store``). Its errors are plain
 ``{"error": "..."}`` bodies with HTTP 400 or 404.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from worker.emulator import faults, handlers, store, wire
+from worker.emulator import faults, handlers, jwt, store, wire
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,23 @@ _JSON = (b"content-type", b"application/json")
 class Emulator:
     """Pangea AuthN in memory: one store, one set of faults and counters per instance."""
 
-    def __init__(self, *, service_token: str, client_token: str) -> None:
+    def __init__(
+        self,
+        *,
+        service_token: str,
+        client_token: str,
+        rotation: str = store.ROTATIONS[0],
+        active_tokens: str = store.ACTIVE_TOKENS[0],
+    ) -> None:
         if not service_token or not client_token or service_token == client_token:
             raise ValueError("the service and client tokens must be two different non-empty strings")
+        key = jwt.SigningKey.generate()
+        self._defaults = {"rotation": rotation, "active_tokens": active_tokens}
         self.ctx = handlers.Context(
-            store=store.Store(),
+            store=store.Store(rotation=rotation, active_tokens=active_tokens, sign=key.sign),
             service_token=service_token,
             client_token=client_token,
-            jwks=handlers.make_jwks(),
+            jwks=key.jwks(),
             started_at=time.time(),
         )
         self.faults = faults.Faults()
@@ -72,6 +82,8 @@ class Emulator:
                 {"requests": self.stats, "refresh_reused": self.ctx.store.refresh_reused},
             ),
             ("POST", "/emulator/reset"): self._reset,
+            ("POST", "/emulator/config"): self._configure,
+            ("GET", "/emulator/config"): lambda _: (200, self._config()),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,7 +231,22 @@ class Emulator:
             return 400, {"error": str(exc)}
         return 200, self.faults.to_json()
 
+    def _config(self) -> dict[str, str]:
+        return {"rotation": self.ctx.store.rotation, "active_tokens": self.ctx.store.active_tokens}
+
+    def _configure(self, raw: bytes) -> tuple[int, Any]:
+        """``{"rotation": ..., "active_tokens": ...}`` (both optional) for sessions minted from now on."""
+        try:
+            body = _json(raw)
+            if not isinstance(body, dict) or set(body) - {"rotation", "active_tokens"}:
+                raise ValueError("expected an object with rotation and/or active_tokens")
+            self.ctx.store.configure(**(self._config() | body))
+        except (TypeError, ValueError) as exc:
+            return 400, {"error": str(exc)}
+        return 200, self._config()
+
     def _reset(self, raw: bytes) -> tuple[int, Any]:
+        self.ctx.store.configure(**self._defaults)
         self.ctx.store.reset()
         self.stats = {}
         self.faults = faults.Faults()
@@ -228,9 +255,22 @@ class Emulator:
         return 200, {}
 
 
-def create_app(*, service_token: str, client_token: str) -> Emulator:
-    """A fresh emulator (its own in-memory state) accepting these two bearer tokens."""
-    return Emulator(service_token=service_token, client_token=client_token)
+def create_app(
+    *,
+    service_token: str,
+    client_token: str,
+    rotation: str = store.ROTATIONS[0],
+    active_tokens: str = store.ACTIVE_TOKENS[0],
+) -> Emulator:
+    """A fresh emulator (its own in-memory state) accepting these two bearer tokens.
+
+    ``rotation`` (:data:`store.ROTATIONS`) and ``active_tokens`` (``opaque`` or ``jwt``) choose how
+    it plays the rules Pangea does not document; ``POST /emulator/config`` changes them while it runs,
+    and ``POST /emulator/reset`` puts these back.
+    """
+    return Emulator(
+        service_token=service_token, client_token=client_token, rotation=rotation, active_tokens=active_tokens
+    )
 
 
 def _json(raw: bytes) -> Any:

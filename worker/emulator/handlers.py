@@ -17,16 +17,14 @@ Which answer for which unknown, where Pangea publishes none (see ``pangea-authn.
 
 from __future__ import annotations
 
-import base64
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from worker.emulator import listing, store, validation, wire
+from worker.emulator import jwt, listing, store, validation, wire
 
 #: Lifetime reported for the emulator's own service and client tokens, in seconds.
 CREDENTIAL_TTL = 365 * 86400.0
@@ -48,25 +46,7 @@ Handler = Callable[[Context, dict[str, Any], float], wire.Answer]
 
 def make_jwks() -> dict[str, list[dict[str, str]]]:
     """A fresh JWKS with one EC P-256 (ES256) verification key, shaped like Pangea's."""
-    numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
-
-    def b64(n: int) -> str:
-        return base64.urlsafe_b64encode(n.to_bytes(32, "big")).decode("ascii").rstrip("=")
-
-    kid = store.new_id("pvi_") + "|1"
-    return {
-        "keys": [
-            {
-                "kid": kid,
-                "kty": "EC",
-                "alg": "ES256",
-                "crv": "P-256",
-                "use": "sig",
-                "x": b64(numbers.x),
-                "y": b64(numbers.y),
-            }
-        ]
-    }
+    return jwt.SigningKey.generate().jwks()
 
 
 def answer(ctx: Context, path: str, raw: bytes, now: float) -> wire.Answer:

@@ -6,12 +6,21 @@ sessions (:meth:`Store.seed` fills it for benchmarks).
 
 The session model, read from Pangea's docs and examples (``pangea-authn.md`` §3.7):
 
-- A session *is* its refresh-token record. ``session.id`` is the refresh token's ``pmt_`` id and
-  the ``session_id`` that invalidate takes; its ``type`` is ``session``. Active tokens are ``user``.
-- Rotation rule: a refresh mints a new ``ptr_`` secret and a new active token, but the refresh
-  token's *id* stays the same, so "the refresh token's id is the session id" holds before and after
-  every refresh and a client may key its sessions by that id. The spent ``ptr_`` is forgotten at
-  once (``InvalidToken``); the new refresh token lives ``refresh_ttl`` from now (sliding).
+- A session is listed by its ``pmt_`` id: the ``session_id`` that invalidate takes. Refresh tokens
+  are of ``type`` ``session``; active tokens are ``user``.
+- Rotation rule, one of :data:`ROTATIONS` (Pangea documents none of them; ``pangea-authn.md`` marks
+  this INFERRED, so the emulator plays each and the worker must be right under all):
+
+  - ``session-id`` (the default): the session *is* its refresh-token record. A refresh mints a new
+    ``ptr_`` secret and a new active token, but the refresh token's *id* stays the session's id.
+  - ``new-refresh-id``: the first refresh token's id is the session's id; every rotation mints a
+    refresh token with a new id, while the session keeps its own.
+  - ``distinct-session-id``: the session's id is its own, never any token's id.
+
+  The spent ``ptr_`` is forgotten at once (``InvalidToken``); the new refresh token lives
+  ``refresh_ttl`` from now (sliding).
+- Active tokens are opaque ``ptu_`` secrets, or JWTs (``active_tokens="jwt"``: ES256, signed with the
+  key ``/v2/client/jwks`` serves, about a kilobyte long, as a project that issues JWTs hands out).
 - The previous active token stays valid until its own expiry (a client whose refresh answer was
   lost can go on using it); ``active_token_id`` filters match the *current* active token only.
 - No token outlives its session: an active token expires at the latest with the refresh token.
@@ -26,7 +35,7 @@ import hashlib
 import heapq
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 #: Status of a token that Pangea does not know (never existed, spent, or its session ended).
@@ -37,6 +46,10 @@ EXPIRED = "ExpiredToken"
 GRACE = 3600.0
 #: Lifetime of a one-time login code, in seconds ("short-lived"; Pangea publishes no number).
 CODE_TTL = 600.0
+#: The rotation rules the emulator can play (see the module docstring); the first is the default.
+ROTATIONS = ("session-id", "new-refresh-id", "distinct-session-id")
+#: The kinds of active token it can mint.
+ACTIVE_TOKENS = ("opaque", "jwt")
 
 
 def new_id(prefix: str) -> str:
@@ -133,10 +146,33 @@ class Code:
 
 
 class Store:
-    """All sessions, codes and tokens of one emulator, with O(1) indexes."""
+    """All sessions, codes and tokens of one emulator, with O(1) indexes.
 
-    def __init__(self) -> None:
+    ``rotation`` and ``active_tokens`` choose the rules it plays (:data:`ROTATIONS`,
+    :data:`ACTIVE_TOKENS`); ``sign`` turns JWT claims into a signed JWT (needed for ``jwt``).
+    """
+
+    def __init__(
+        self,
+        *,
+        rotation: str = ROTATIONS[0],
+        active_tokens: str = ACTIVE_TOKENS[0],
+        sign: Callable[[dict[str, object]], str] | None = None,
+    ) -> None:
+        self.sign = sign
+        self.configure(rotation=rotation, active_tokens=active_tokens)
         self.reset()
+
+    def configure(self, *, rotation: str, active_tokens: str) -> None:
+        """Choose the rotation rule and the kind of active token for sessions minted from now on."""
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}")
+        if active_tokens not in ACTIVE_TOKENS:
+            raise ValueError(f"active_tokens must be one of {', '.join(ACTIVE_TOKENS)}")
+        if active_tokens == "jwt" and self.sign is None:
+            raise ValueError("JWT active tokens need a signing key")
+        self.rotation = rotation
+        self.active_tokens = active_tokens
 
     def reset(self) -> None:
         """Forget everything."""
@@ -192,7 +228,7 @@ class Store:
         )
         self.sessions[session.id] = session
         self.by_user.setdefault(session.identity, {})[session.id] = session
-        self._mint_refresh(session, now)
+        self._mint_refresh(session, now, first=True)
         self._mint_active(session, now, first=True)
         return session
 
@@ -215,7 +251,7 @@ class Store:
                 raise ValueError(f"session {index} of {key!r} is already seeded")
             self.sessions[session.id] = session
             self.by_user.setdefault(session.identity, {})[session.id] = session
-            self._mint_refresh(session, now, secret=ids.refresh_secret)
+            self._mint_refresh(session, now, first=True, secret=ids.refresh_secret)
             self._mint_active(session, now, first=True, secret=ids.active_secret, token_id=ids.active_id)
 
     # --- token rules ---------------------------------------------------------------------------
@@ -295,11 +331,34 @@ class Store:
 
     # --- minting -------------------------------------------------------------------------------
 
-    def _mint_refresh(self, session: Session, now: float, *, secret: str | None = None) -> None:
-        # The id is minted once: the refresh token's id is the session id, before and after rotation.
+    def _jwt(self, session: Session, token_id: str, now: float, expire: float) -> str:
+        """A signed JWT active token, with the claims a hosted-login project puts in one."""
+        assert self.sign is not None
+        claims: dict[str, object] = {
+            "iss": "https://authn.emulator.pangea.test",
+            "aud": "session-sync-emulator",
+            "sub": session.identity,
+            "jti": token_id,
+            "sid": session.id,
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(expire),
+            "email": session.email,
+            "type": "user",
+            "profile": session.profile or {"first_name": "Pat", "last_name": "Example", "locale": "en-US"},
+            "scopes": ["openid", "profile", "email", "offline_access"],
+            # Real ones carry the login's context too; enough of it to be a realistic kilobyte.
+            "amr": ["pwd", "otp"],
+            "login": {"provider": "password", "ip": "203.0.113.7", "user_agent": "Mozilla/5.0 (X11; Linux x86_64)"},
+            "nonce": new_id("pn_"),
+        }
+        return self.sign(claims)
+
+    def _mint_refresh(self, session: Session, now: float, *, first: bool = False, secret: str | None = None) -> None:
+        keeps_session_id = self.rotation == "session-id" or (first and self.rotation == "new-refresh-id")
         token = Token(
             secret=secret or new_id("ptr_"),
-            id=session.id,
+            id=session.id if keeps_session_id else new_id("pmt_"),
             type="session",
             created_at=now,
             expire=now + session.refresh_ttl,
@@ -318,14 +377,11 @@ class Store:
         secret: str | None = None,
         token_id: str | None = None,
     ) -> None:
-        token = Token(
-            secret=secret or new_id("ptu_"),
-            id=token_id or new_id("pmt_"),
-            type="user",
-            created_at=now,
-            expire=min(now + session.active_ttl, session.refresh.expire),
-            session=session,
-        )
+        token_id = token_id or new_id("pmt_")
+        expire = min(now + session.active_ttl, session.refresh.expire)
+        if secret is None:
+            secret = self._jwt(session, token_id, now, expire) if self.active_tokens == "jwt" else new_id("ptu_")
+        token = Token(secret=secret, id=token_id, type="user", created_at=now, expire=expire, session=session)
         if not first:
             old = session.active
             self.by_active_id.pop(old.id, None)
