@@ -19,6 +19,7 @@ from tests.conftest import RunningEmulator
 from tests.faults.proxy import ChaosProxy
 from tests.faults.world import World, fault_env, wait_caught_up
 from worker import operations, runtime
+from worker.emulator import store
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.faults]
@@ -81,6 +82,29 @@ def test_pangea_fault(scenario: str, pg_url: str, emu: RunningEmulator, report: 
             rt,
             world,
             on=lambda: emu.admin.faults(**SCENARIOS[scenario]),
+            off=emu.admin.clear_faults,
+            scenario=scenario,
+        )
+    finally:
+        rt.close()
+    report(figures.line())
+    figures.assert_invariants()
+
+
+@pytest.mark.parametrize("rotation", store.ROTATIONS[1:])
+def test_dropped_refreshes_under_another_rotation_rule_with_jwts(
+    rotation: str, pg_url: str, emu: RunningEmulator, report: Any
+) -> None:
+    """The dropped-refresh scenario where refresh tokens get new ids and active tokens are JWTs (issue #23)."""
+    emu.admin.config(rotation=rotation, active_tokens="jwt")
+    scenario = f"dropped_refresh[{rotation},jwt]"
+    rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
+    try:
+        world = World(rt, emu, tag=rotation)
+        figures = _through_the_fault(
+            rt,
+            world,
+            on=lambda: emu.admin.faults(**SCENARIOS["dropped_refresh"]),
             off=emu.admin.clear_faults,
             scenario=scenario,
         )

@@ -118,7 +118,10 @@ class World:
         self.doomed = self.ids[:fifth]
         self.leaving = self.ids[fifth : 2 * fifth]
         self.living = self.ids[2 * fifth :]
-        self._pangea_ids = dict(zip(self.ids, (u["refresh_token"]["id"] for u in logins), strict=True))
+        # Pangea's own ids of the sessions, asked of its session list (which id is the session's
+        # depends on Pangea's rotation rule: the emulator plays several)
+        by_active = _run(_session_ids_by_active_token(emu, [u["active_token"]["id"] for u in logins]))
+        self._pangea_ids = {sid: by_active[u["active_token"]["id"]] for sid, u in zip(self.ids, logins, strict=True)}
 
     async def _logins(self, emails: list[str]) -> list[dict[str, Any]]:
         gate = asyncio.Semaphore(20)
@@ -255,6 +258,20 @@ async def _pangea_sessions(emu: RunningEmulator, session_ids: list[str]) -> dict
             body = answer.json()
             assert body["status"] == "Success", body
             found.update({item["id"]: item for item in body["result"]["sessions"]})
+    return found
+
+
+async def _session_ids_by_active_token(emu: RunningEmulator, token_ids: list[str]) -> dict[str, str]:
+    """Pangea's session id for each active token id (the project's session list, 100 at a time)."""
+    found: dict[str, str] = {}
+    async with _client(emu) as client:
+        for start in range(0, len(token_ids), 100):
+            chunk = token_ids[start : start + 100]
+            answer = await client.post("/v2/session/list", json={"filter": {"active_token_id__in": chunk}, "size": 100})
+            body = answer.json()
+            assert body["status"] == "Success", body
+            found.update({item["active_token"]["id"]: item["id"] for item in body["result"]["sessions"]})
+    assert len(found) == len(token_ids), "every session just logged in is listed"
     return found
 
 
