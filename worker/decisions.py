@@ -203,6 +203,10 @@ def after_check(facts: SessionFacts, answer: Answer, now: datetime, policy: Poli
     if answer.verdict is None:
         return _no_answer(facts, answer, now, policy, rng)
     if answer.verdict is wire.Verdict.INVALID:
+        if facts.uncertain and not facts.has_refresh_token:
+            # Kept after a refresh whose answer was lost (settling found its token spent): the session
+            # is gone now, ended where its orphaned tokens were (by us, or by Pangea). Say so.
+            return Decision(action=Action.REVOKE, reason="refresh_lost")
         return Decision(action=Action.REVOKE, reason="invalid_token")
     if answer.verdict is wire.Verdict.EXPIRED:
         if can_refresh(facts, now):
@@ -266,6 +270,9 @@ class Settled(enum.StrEnum):
     UNSPENT = "unspent"
     #: It carries another active token, or is gone: our refresh token is spent (or dead).
     SPENT = "spent"
+    #: It carried another active token (our lost refresh happened), and we ended it at Pangea: the
+    #: tokens that refresh minted reached nobody, so no one may hold a live session through them.
+    ORPHAN_ENDED = "orphan_ended"
 
 
 def after_settling(
@@ -279,6 +286,8 @@ def after_settling(
     """
     if settled is Settled.UNSPENT:
         return Decision(action=Action.REFRESH)
+    if settled is Settled.ORPHAN_ENDED:
+        return Decision(action=Action.REVOKE, reason="refresh_lost")
     if settled is Settled.SPENT:
         if facts.active_expires_at > now:
             # The tokens the refresh minted never reached us; the active one we hold still works

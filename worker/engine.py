@@ -9,6 +9,7 @@ claim (commit) → ask Pangea → decide → apply (commit) → refresh the ones
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import secrets
@@ -21,7 +22,7 @@ from typing import TypeVar
 from sqlalchemy import orm
 
 from worker import audit, authn, crypto, decisions, errors, guard, outbox_queries, queries, ratelimit, wire
-from worker.decisions import Action, Answer, Failure
+from worker.decisions import Action, Answer, Failure, Settled
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class SyncEngine:
             action = decisions.before_check(w.facts, now, self._policy, self._rng)
             (to_refresh if action is Action.REFRESH else to_check).append(w)
 
-        answers = await self._revalidate(to_check)
+        answers = await self._revalidate(to_check, learn=to_refresh)
         now = self._clock()
         outcome = _Outcome()
         for w in to_check:
@@ -330,17 +331,23 @@ class SyncEngine:
         ):
             outcome.hold(next_check_at=now + self._policy.check_interval)
 
-    async def _revalidate(self, work: list[_Work]) -> dict[int, Answer]:
-        """Pangea's answer for each session: in bulk when we can, else one check per token."""
+    async def _revalidate(self, work: list[_Work], *, learn: Sequence[_Work] = ()) -> dict[int, Answer]:
+        """Pangea's answer for each session: in bulk when we can, else one check per token.
+
+        The bulk list also names the sessions of ``learn`` (the batch's refreshes): its ``id`` is
+        Pangea's word on which id is each session's (see :meth:`_learn`), at no extra request.
+        """
         answers: dict[int, Answer] = {}
         pending = work
-        if self._bulk and work:
+        if self._bulk and (work or learn):
+            asked = [*work, *learn]
             try:
                 await self._limiter.acquire()
-                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in work])
+                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in asked])
             except errors.AuthnError as exc:
                 logger.warning("Bulk revalidation failed: %s", exc, extra={"action": "bulk_failed"})
                 return {w.session.id: _failed(exc) for w in work}
+            self._learn(asked, found)
             now = self._clock()
             pending = []
             for w in work:
@@ -353,11 +360,22 @@ class SyncEngine:
                     answers[w.session.id] = Answer(
                         verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire
                     )
-                    if item.id != w.session.pangea_session_id:
-                        self._learned[w.session.id] = item.id
         checks = await asyncio.gather(*(self._guarded(self._check_one(w)) for w in pending))
         answers.update(zip((w.session.id for w in pending), checks, strict=True))
         return answers
+
+    def _learn(self, work: Sequence[_Work], found: dict[str, wire.SessionItem]) -> None:
+        """Take Pangea's session ids from a session list; written with the batch's outcome.
+
+        The id stored at login is a guess (the refresh token's). A session refreshed before any
+        check would keep it, and a refresh whose answer is lost can be cleaned up at Pangea only
+        by the session's real id (:meth:`_end_orphans`).
+        """
+        for w in work:
+            item = found.get(w.session.active_token_id)
+            if item is not None and item.id != w.session.pangea_session_id:
+                self._learned[w.session.id] = item.id
+                w.session = dataclasses.replace(w.session, pangea_session_id=item.id)
 
     async def _check_one(self, w: _Work) -> Answer:
         result = await self._client.check_token(w.active_token)
@@ -424,6 +442,8 @@ class SyncEngine:
         if not unsure:
             return work
         settled = await self._settle(unsure)
+        if self._bulk:
+            settled.update(await self._end_orphans([w for w in unsure if settled[w.session.id][0] is Settled.SPENT]))
         now = self._clock()
         for w in unsure:
             verdict, answer = settled[w.session.id]
@@ -446,6 +466,39 @@ class SyncEngine:
             return {w.session.id: _settled(found.get(w.session.active_token_id)) for w in unsure}
         answers = await asyncio.gather(*(self._guarded_settle(w) for w in unsure))
         return dict(zip((w.session.id for w in unsure), answers, strict=True))
+
+    async def _end_orphans(self, spent: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
+        """End at Pangea the sessions that a refresh whose answer we lost left with tokens nobody holds.
+
+        A session that Pangea lists under its id (owned by our user) with an active token other than
+        ours was refreshed: the new tokens exist only at Pangea. With a service token it is ended by
+        that id, so no live session hangs on tokens no one holds. Best effort: a failure leaves the
+        session as settling found it (kept until the active token we hold lapses).
+        """
+        ended: dict[int, tuple[decisions.Settled | None, Answer]] = {}
+        for w in spent:
+            pangea_id = w.session.pangea_session_id
+            if pangea_id is None:
+                continue
+            try:
+                await self._limiter.acquire()
+                page = await self._client.session_list(filter={"id": pangea_id, "identity": w.session.user_id}, size=1)
+                item = page.sessions[0] if page.sessions else None
+                if item is None or item.active_token is None or item.active_token.id == w.session.active_token_id:
+                    continue  # gone already, or nothing to prove a refresh happened
+                await self._limiter.acquire()
+                result = await self._client.session_invalidate(item.id)
+            except errors.AuthnError as exc:
+                logger.info("Orphaned session of %s not ended: %s", w.session.id, exc, extra={"action": "orphan_kept"})
+                continue
+            if result.verdict is wire.Verdict.VALID:
+                logger.info(
+                    "Ended the Pangea session a lost refresh left behind (session %s)",
+                    w.session.id,
+                    extra={"action": "orphan_ended"},
+                )
+                ended[w.session.id] = (decisions.Settled.ORPHAN_ENDED, Answer(request_id=result.request_id))
+        return ended
 
     async def _guarded_settle(self, w: _Work) -> tuple[decisions.Settled | None, Answer]:
         """Settle one session with the user's own token (a client token cannot list the project's)."""

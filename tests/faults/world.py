@@ -77,6 +77,8 @@ class Figures:
     #: Refreshes Pangea performed whose answer never reached us: those users must log in again
     #: when the active token they hold lapses. Not wrong revocations: no one holds those tokens.
     lost_in_transit: int = 0
+    #: Sessions live at Pangea that no active local session holds (left behind by a lost refresh).
+    orphaned: int = 0
     #: Audit events of a revocation that the rows do not bear out (the row is not revoked, or
     #: not for that reason, or is revoked more than once): the trail must report only what was done.
     audit_unapplied: int = 0
@@ -88,7 +90,7 @@ class Figures:
             f"fault {self.scenario}: wrongly_revoked={self.wrongly_revoked} missed={self.missed} "
             f"lost_logouts={self.lost_logouts} refresh_reused={self.refresh_reused} "
             f"recovered_in={self.recovered_in:.1f}s lost_in_transit={self.lost_in_transit} "
-            f"audit_unapplied={self.audit_unapplied}{extra}"
+            f"orphaned={self.orphaned} audit_unapplied={self.audit_unapplied}{extra}"
         )
 
     def assert_invariants(self) -> None:
@@ -193,10 +195,19 @@ class World:
             sid for sid, r in rows.items() if _active_id(live.get(self._pangea_ids[sid])) == r.active_token_id
         }
         wrongly = [sid for sid in revoked if sid in carries_ours]
+        # Refreshes performed whose answer never reached us: their session either lives on at Pangea
+        # with tokens nobody holds, or the worker ended it there once it knew (refresh_lost)
         in_transit = [
             sid
             for sid in revoked
-            if sid not in carries_ours and self._pangea_ids[sid] in live and sid not in self.doomed
+            if sid not in carries_ours
+            and sid not in self.doomed
+            and (self._pangea_ids[sid] in live or rows[sid].end_reason == "refresh_lost")
+        ]
+        orphaned = [
+            sid
+            for sid, pangea_id in self._pangea_ids.items()
+            if pangea_id in live and (rows[sid].state is not models.SessionState.ACTIVE or sid not in carries_ours)
         ]
         missed = [sid for sid in self.doomed if rows[sid].state is models.SessionState.ACTIVE]
         not_out = [sid for sid in self.leaving if self._pangea_ids[sid] in live]
@@ -212,6 +223,7 @@ class World:
             refresh_reused=int(self.emu.admin.stats()["refresh_reused"]),
             recovered_in=recovered_in,
             lost_in_transit=len(in_transit),
+            orphaned=len(orphaned),
             audit_unapplied=_audit_unapplied(rows, revocations),
             notes=notes,
         )

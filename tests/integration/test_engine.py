@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
 from tests.helpers import active_token, login, requests, row
-from worker import engine, models, queries, sessions, wire
+from worker import audit, engine, models, queries, sessions, wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,8 +106,11 @@ def test_wrong_service_token_stops_and_changes_nothing(make_runtime: Any, emu: R
     assert [r.version for r in after] == [v for v, _ in before]
 
 
-def test_lost_refresh_answer_never_revokes(make_runtime: Any, emu: RunningEmulator) -> None:
-    rt = make_runtime()
+@pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
+def test_a_lost_refresh_answer_is_settled_never_replayed_and_its_orphan_ended(
+    make_runtime: Any, emu: RunningEmulator, revalidation: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION=revalidation)
     sid = login(rt, emu, "lost@example.com", active_ttl=8)
     token = active_token(rt, sid)
     time.sleep(5.2)  # 2.8 s left: inside the refresh margin (at least 3 s of an 8 s token)
@@ -121,13 +124,25 @@ def test_lost_refresh_answer_never_revokes(make_runtime: Any, emu: RunningEmulat
     emu.admin.clear_faults()
     counts = rt.run(rt.engine.resync(session_ids=[sid]))
     # Then it learns from the session list that the refresh happened, and never sends the spent
-    # refresh token again; the session is not revoked while its active token lives
-    assert counts.revoked == 0
-    r = row(rt, sid)
-    assert r.state is models.SessionState.ACTIVE and r.refresh_token_enc is None and r.uncertain
-    assert rt.run(rt.client.check_token(token)).verdict is wire.Verdict.VALID
+    # refresh token again
     assert requests(emu, "/v2/client/session/refresh") == 1
     assert emu.admin.stats()["refresh_reused"] == 0
+    r = row(rt, sid)
+    pangea_id = r.pangea_session_id or ""
+    if revalidation == "bulk":
+        # ... and with a service token it ends at Pangea the session those lost tokens keep alive
+        # (no one holds them), and says why the user must sign in again
+        assert counts.revoked == 1 and counts.reasons == {"refresh_lost": 1}
+        assert (r.state, r.end_reason) == (models.SessionState.REVOKED, "refresh_lost")
+        assert not rt.run(rt.client.session_list(filter={"id": pangea_id}, size=1)).sessions
+        with rt.sessions() as db:
+            assert next(e.outcome for e in audit.history(db, sid)) == "orphan_ended"
+    else:
+        # ... while with a client token, which cannot end a session by id, the session is kept
+        # until the active token it holds lapses
+        assert counts.revoked == 0
+        assert r.state is models.SessionState.ACTIVE and r.refresh_token_enc is None and r.uncertain
+        assert rt.run(rt.client.check_token(token)).verdict is wire.Verdict.VALID
 
 
 @pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
