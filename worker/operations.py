@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,18 +20,13 @@ from worker.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 
-def now() -> datetime:
-    """The current time, aware UTC."""
-    return datetime.now(UTC)
-
-
 def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None = None) -> dict[str, Any]:
     """One periodic sweep: record its slot (a duplicate is a no-op), count due work, fan it out.
 
     ``send_batch(slot)`` queues one ``check_batch``; each batch claims its own rows when it runs,
     so a lease starts only when work does and overlapping sweeps never take the same session.
     """
-    at = at or now()
+    at = at or rt.clock()
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
     with rt.sessions.begin() as db:
         if not sweeps.claim_slot(db, slot=slot, now=at):
@@ -61,14 +56,14 @@ def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
         counts = engine.Counts(stopped=True).as_dict()
     if slot is not None and (counts["checked"] or counts["stopped"]):
         with rt.sessions.begin() as db:
-            sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=now())
+            sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=rt.clock())
     metrics.record_counts(counts)
     return counts
 
 
 def sweep_once(rt: Runtime) -> dict[str, object]:
     """One whole sweep in this process, no broker (cron): every due session, batch after batch."""
-    at = now()
+    at = rt.clock()
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
     with rt.sessions.begin() as db:
         claimed = sweeps.claim_slot(db, slot=slot, now=at, kind="once")
@@ -79,7 +74,7 @@ def sweep_once(rt: Runtime) -> dict[str, object]:
         counts = engine.Counts(stopped=True).as_dict()
     if claimed:
         with rt.sessions.begin() as db:
-            sweeps.add_counts(db, slot=slot, counts=counts, now=now())
+            sweeps.add_counts(db, slot=slot, counts=counts, now=rt.clock())
     metrics.record_counts(counts)
     return counts
 
@@ -94,7 +89,7 @@ def resync(
     ids: Sequence[int] | None = [session_id] if session_id is not None else None
     if confirm_revocations:  # logouts the guard held go out again now, not after their pause
         with rt.sessions.begin() as db:
-            outbox_queries.make_held_due(db, now=now())
+            outbox_queries.make_held_due(db, now=rt.clock())
     counts = rt.engine.resync(user_id=user_id, session_ids=ids, confirm_revocations=confirm_revocations)
     done = rt.run(counts).as_dict()
     metrics.record_counts(done)
@@ -117,7 +112,7 @@ def require_known(rt: Runtime, *, session_id: int | None = None, user_id: str | 
 
 def housekeeping(rt: Runtime) -> dict[str, int]:
     """Purge audit events past retention and old sweep records."""
-    at = now()
+    at = rt.clock()
     with rt.sessions.begin() as db:
         events = audit.purge(db, now=at, retention=rt.settings.audit_retention)
         runs = sweeps.purge(db, before=at - timedelta(days=7))
@@ -126,7 +121,7 @@ def housekeeping(rt: Runtime) -> dict[str, int]:
 
 def status(rt: Runtime) -> dict[str, Any]:
     """Sessions by state, due now, outbox backlog and dead letters, the last sweep."""
-    at = now()
+    at = rt.clock()
     S, E = models.LocalSession, models.LogoutEvent
     with rt.sessions() as db:
         by_state = {str(state): 0 for state in models.SessionState}

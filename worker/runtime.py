@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from worker import authn, crypto, decisions, engine, guard, outbox, ratelimit
+from worker import authn, clock, crypto, decisions, engine, guard, outbox, ratelimit
 from worker import db as dbmod
 from worker.settings import Settings
 
@@ -40,6 +41,11 @@ class Runtime:
     def sessions(self) -> orm.sessionmaker[orm.Session]:
         """Factory of short-lived ORM sessions."""
         return dbmod.session_factory(self.db_engine)
+
+    @cached_property
+    def clock(self) -> Callable[[], datetime]:
+        """The time every worker agrees on (the database's clock on PostgreSQL: ``worker.clock``)."""
+        return clock.for_engine(self.db_engine)
 
     @cached_property
     def cipher(self) -> crypto.TokenCipher:
@@ -88,6 +94,7 @@ class Runtime:
             bulk=s.bulk_revalidation,
             guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
             batches_in_flight=s.batches_in_flight,
+            clock=self.clock,
         )
 
     @cached_property
@@ -110,6 +117,7 @@ class Runtime:
             lease=s.lease,
             can_invalidate=s.has_service_token,
             guard_limits=guard.Limits(share=s.guard_share, minimum=s.guard_minimum),
+            clock=self.clock,
         )
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
