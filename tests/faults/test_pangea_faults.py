@@ -73,20 +73,21 @@ def _through_the_fault(rt: runtime.Runtime, world: World, *, on: Any, off: Any, 
     return world.judge(scenario, recovered_in=recovered, **notes)
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_pangea_fault(scenario: str, pg_url: str, emu: RunningEmulator, report: Any) -> None:
+def _fault_run(pg_url: str, emu: RunningEmulator, faults: dict[str, Any], *, scenario: str, tag: str) -> Any:
+    """The world through one fault set on the emulator; the figures."""
     rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
     try:
-        world = World(rt, emu, tag=scenario)
-        figures = _through_the_fault(
-            rt,
-            world,
-            on=lambda: emu.admin.faults(**SCENARIOS[scenario]),
-            off=emu.admin.clear_faults,
-            scenario=scenario,
+        world = World(rt, emu, tag=tag)
+        return _through_the_fault(
+            rt, world, on=lambda: emu.admin.faults(**faults), off=emu.admin.clear_faults, scenario=scenario
         )
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_pangea_fault(scenario: str, pg_url: str, emu: RunningEmulator, report: Any) -> None:
+    figures = _fault_run(pg_url, emu, SCENARIOS[scenario], scenario=scenario, tag=scenario)
     report(figures.line())
     figures.assert_invariants()
 
@@ -98,18 +99,7 @@ def test_dropped_refreshes_under_another_rotation_rule_with_jwts(
     """The dropped-refresh scenario where refresh tokens get new ids and active tokens are JWTs (issue #23)."""
     emu.admin.config(rotation=rotation, active_tokens="jwt")
     scenario = f"dropped_refresh[{rotation},jwt]"
-    rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
-    try:
-        world = World(rt, emu, tag=rotation)
-        figures = _through_the_fault(
-            rt,
-            world,
-            on=lambda: emu.admin.faults(**SCENARIOS["dropped_refresh"]),
-            off=emu.admin.clear_faults,
-            scenario=scenario,
-        )
-    finally:
-        rt.close()
+    figures = _fault_run(pg_url, emu, SCENARIOS["dropped_refresh"], scenario=scenario, tag=rotation)
     report(figures.line())
     figures.assert_invariants()
     # Every refresh whose answer was dropped left a session at Pangea with tokens nobody holds: the

@@ -260,29 +260,27 @@ def _client(emu: RunningEmulator) -> httpx.AsyncClient:
     )
 
 
-async def _pangea_sessions(emu: RunningEmulator, session_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Pangea's live sessions among ``session_ids``, by id (the project's session list, all pages)."""
-    found: dict[str, dict[str, Any]] = {}
+async def _listed(emu: RunningEmulator, key: str, values: list[str]) -> list[dict[str, Any]]:
+    """Pangea's live sessions whose ``key`` is among ``values`` (the project's session list, 100 at a time)."""
+    items: list[dict[str, Any]] = []
     async with _client(emu) as client:
-        for start in range(0, len(session_ids), 100):
-            chunk = session_ids[start : start + 100]
-            answer = await client.post("/v2/session/list", json={"filter": {"id__in": chunk}, "size": 100})
+        for start in range(0, len(values), 100):
+            chunk = values[start : start + 100]
+            answer = await client.post("/v2/session/list", json={"filter": {f"{key}__in": chunk}, "size": 100})
             body = answer.json()
             assert body["status"] == "Success", body
-            found.update({item["id"]: item for item in body["result"]["sessions"]})
-    return found
+            items.extend(body["result"]["sessions"])
+    return items
+
+
+async def _pangea_sessions(emu: RunningEmulator, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Pangea's live sessions among ``session_ids``, by id."""
+    return {item["id"]: item for item in await _listed(emu, "id", session_ids)}
 
 
 async def _session_ids_by_active_token(emu: RunningEmulator, token_ids: list[str]) -> dict[str, str]:
-    """Pangea's session id for each active token id (the project's session list, 100 at a time)."""
-    found: dict[str, str] = {}
-    async with _client(emu) as client:
-        for start in range(0, len(token_ids), 100):
-            chunk = token_ids[start : start + 100]
-            answer = await client.post("/v2/session/list", json={"filter": {"active_token_id__in": chunk}, "size": 100})
-            body = answer.json()
-            assert body["status"] == "Success", body
-            found.update({item["active_token"]["id"]: item["id"] for item in body["result"]["sessions"]})
+    """Pangea's session id for each active token id."""
+    found = {item["active_token"]["id"]: item["id"] for item in await _listed(emu, "active_token_id", token_ids)}
     assert len(found) == len(token_ids), "every session just logged in is listed"
     return found
 
