@@ -6,9 +6,11 @@ Two kinds, read two ways:
   latency) are incremented where the work happens: :mod:`worker.operations` records each batch's
   :class:`~worker.engine.Counts`, :mod:`worker.authn` times every HTTP call to Pangea.
 - **Gauges of the database** (sessions by state, due backlog, uncertain and failing sessions,
-  outbox by state, last successful sweep, the revocation guard) are not kept in memory at all:
-  :class:`StatusCollector` computes them at scrape time from :func:`worker.operations.status`, so
-  every worker and the CLI agree, and they are right even while no task runs.
+  outbox by state, last successful sweep, the revocation guard) are not counted in memory:
+  :class:`StatusCollector` reads them from :func:`worker.operations.status` when scraped, so every
+  worker and the CLI agree, and they are right even while no task runs. A reading is reused for
+  ``SESSION_SYNC_METRICS_CACHE`` and shared between workers through Redis
+  (:mod:`worker.gauge_cache`), so scraping N workers does not cost the database N readings.
 
 **Why multiprocess mode.** Celery's prefork pool runs tasks in child processes, so counters live
 in the children while ``/metrics`` is served by the main process, and children come and go
@@ -44,7 +46,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +62,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import orm
 
 from worker import models
+from worker.gauge_cache import GaugeCache, Reading
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -210,78 +214,103 @@ def last_successful_sweep(db: orm.Session) -> datetime | None:
     return at
 
 
+def gauge_reading(report: Mapping[str, Any]) -> Reading:
+    """The gauges' values from a status report (plus its last successful sweep), as plain JSON types."""
+    backlog = report.get("outbox_backlog") or {}
+    last_ok = report.get("last_successful_sweep_at")
+    return {
+        "sessions": {str(k): int(v) for k, v in (report.get("sessions") or {}).items()},
+        "due": int(report.get("due") or 0),
+        "uncertain": int(report.get("uncertain") or 0),
+        "failing": int(report.get("failing") or 0),
+        "outbox": {str(k): int(v) for k, v in (report.get("outbox") or {}).items()},
+        "outbox_due": int(backlog.get("due") or 0),
+        "outbox_oldest_pending_seconds": float(backlog.get("oldest_pending_seconds") or 0),
+        "last_successful_sweep_timestamp_seconds": last_ok.timestamp() if isinstance(last_ok, datetime) else 0.0,
+        "last_sweep_stopped": int((report.get("last_sweep") or {}).get("stopped") is True),
+        "revocation_guard_tripped": int((report.get("revocation_guard") or {}).get("tripped") is True),
+    }
+
+
 class StatusCollector(Collector):
-    """Gauges computed from the database on each scrape (``operations.status``), with ``database_up``."""
+    """Gauges of the database (``operations.status``), with ``database_up``, read at most once per
+    ``SESSION_SYNC_METRICS_CACHE`` and shared between workers through Redis (:mod:`worker.gauge_cache`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
+        broker = settings.celery_broker_url
+        self.cache = GaugeCache(
+            self.read,
+            ttl=settings.metrics_cache.total_seconds(),
+            database_url=settings.database_url,
+            redis_url=broker if broker.startswith(("redis://", "rediss://")) else None,
+            clock=clock,
+        )
 
-    def read(self) -> dict[str, Any]:
-        """The status report plus the last successful sweep, on a runtime opened for this scrape only."""
+    def read(self) -> Reading:
+        """One reading of the database, on a runtime opened for it only."""
         # Imported here: operations → runtime → authn → metrics would otherwise be a cycle.
         from worker import operations, runtime
 
-        # A runtime per scrape: no pooled connection is left for a pool child forked later to inherit.
+        # A runtime per reading: no pooled connection is left for a pool child forked later to inherit.
         rt = runtime.Runtime(self._settings)
         try:
             report = operations.status(rt)
             with rt.sessions() as db:
                 report["last_successful_sweep_at"] = last_successful_sweep(db)
-            return report
+            return gauge_reading(report)
         finally:
             rt.close()
 
     def collect(self) -> Iterator[Metric]:
         """The gauges; if the database cannot be read, only ``session_sync_database_up 0``."""
-        up = GaugeMetricFamily("session_sync_database_up", "1 if the last scrape could read the database, else 0.")
-        try:
-            report = self.read()
-        except Exception as exc:
-            logger.warning(
-                "Metrics could not read the database: %s", type(exc).__name__, extra={"action": "metrics_db_down"}
-            )
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        up = GaugeMetricFamily(
+            "session_sync_database_up",
+            "1 if the latest reading of the database (at most SESSION_SYNC_METRICS_CACHE old) succeeded, else 0.",
+        )
+        reading = self.cache.get()
+        up.add_metric([], 0 if reading is None else 1)
         yield up
-        yield from status_gauges(report)
+        if reading is not None:
+            yield from status_gauges(reading)
 
 
-def status_gauges(report: Mapping[str, Any]) -> Iterator[Metric]:
-    """The gauges of one status report."""
+def status_gauges(reading: Mapping[str, Any]) -> Iterator[Metric]:
+    """The gauges of one reading (:func:`gauge_reading`)."""
 
-    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-        return GaugeMetricFamily(f"session_sync_{name}", doc, value=float(value))
+    def gauge(name: str, key: str, doc: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"session_sync_{name}", doc, value=float(reading.get(key) or 0))
 
-    sessions = GaugeMetricFamily("session_sync_sessions", "Local sessions by state.", labels=["state"])
-    for state, n in sorted((report.get("sessions") or {}).items()):
-        sessions.add_metric([state], float(n))
-    yield sessions
-    yield gauge("sessions_due", "Active sessions due for a check now (the backlog).", report.get("due", 0))
-    yield gauge("sessions_uncertain", "Active sessions whose last refresh answer was lost.", report.get("uncertain", 0))
-    yield gauge("sessions_failing", "Active sessions whose last check got no answer.", report.get("failing", 0))
-    outbox = GaugeMetricFamily("session_sync_outbox_events", "Logout outbox events by state.", labels=["state"])
-    for state, n in sorted((report.get("outbox") or {}).items()):
-        outbox.add_metric([state], float(n))
-    yield outbox
-    backlog = report.get("outbox_backlog") or {}
-    yield gauge("outbox_due", "Pending logouts due for delivery now.", backlog.get("due") or 0)
+    def by_state(name: str, key: str, doc: str) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(f"session_sync_{name}", doc, labels=["state"])
+        for state, n in sorted((reading.get(key) or {}).items()):
+            family.add_metric([state], float(n))
+        return family
+
+    yield by_state("sessions", "sessions", "Local sessions by state.")
+    yield gauge("sessions_due", "due", "Active sessions due for a check now (the backlog).")
+    yield gauge("sessions_uncertain", "uncertain", "Active sessions whose last refresh answer was lost.")
+    yield gauge("sessions_failing", "failing", "Active sessions whose last check got no answer.")
+    yield by_state("outbox_events", "outbox", "Logout outbox events by state.")
+    yield gauge("outbox_due", "outbox_due", "Pending logouts due for delivery now.")
     yield gauge(
         "outbox_oldest_pending_seconds",
+        "outbox_oldest_pending_seconds",
         "Age of the oldest pending logout, in seconds (0: none).",
-        backlog.get("oldest_pending_seconds") or 0,
     )
-    last_ok = report.get("last_successful_sweep_at")
     yield gauge(
         "last_successful_sweep_timestamp_seconds",
+        "last_successful_sweep_timestamp_seconds",
         "Unix time of the most recent sweep that was not stopped (0: never).",
-        last_ok.timestamp() if isinstance(last_ok, datetime) else 0,
     )
-    stopped = (report.get("last_sweep") or {}).get("stopped") is True
-    yield gauge("last_sweep_stopped", "1 if the most recent sweep stopped (Pangea refused our token).", stopped)
-    tripped = (report.get("revocation_guard") or {}).get("tripped") is True
-    yield gauge("revocation_guard_tripped", "1 while the mass-revocation guard holds revocations back.", tripped)
+    yield gauge(
+        "last_sweep_stopped", "last_sweep_stopped", "1 if the most recent sweep stopped (Pangea refused our token)."
+    )
+    yield gauge(
+        "revocation_guard_tripped",
+        "revocation_guard_tripped",
+        "1 while the mass-revocation guard holds revocations back.",
+    )
 
 
 # --- serving ----------------------------------------------------------------------------------------

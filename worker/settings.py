@@ -25,6 +25,9 @@ from worker import errors
 DEFAULT_DATABASE_URL = "sqlite:///session-sync.db"
 #: Broker when CELERY_BROKER_URL is not set: kombu's SQLAlchemy transport, no server needed.
 DEFAULT_BROKER_URL = "sqla+sqlite:///session-sync-broker.db"
+#: The worker's /metrics port: outside 9100-9999 (Prometheus' fully allocated exporter range, where
+#: celery-exporter holds 9808) and below Linux's ephemeral ports, so it clashes with no exporter.
+DEFAULT_METRICS_PORT = 19808
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -96,9 +99,11 @@ class Settings(BaseSettings):
     max_unverified: Duration = Field(timedelta(hours=1), alias="SESSION_SYNC_MAX_UNVERIFIED")
     stale_policy: Literal["keep", "revoke"] = Field("keep", alias="SESSION_SYNC_STALE_POLICY")
     audit_retention: Duration = Field(timedelta(days=30), alias="SESSION_SYNC_AUDIT_RETENTION")
-    # Observability (worker.metrics, worker.logs): the worker's /metrics port (0: off) and the log format.
-    metrics_port: int = Field(9808, ge=0, le=65535, alias="SESSION_SYNC_METRICS_PORT")
-    metrics_host: str = Field("0.0.0.0", alias="SESSION_SYNC_METRICS_HOST")
+    # Observability (worker.metrics, worker.logs): the worker's /metrics port (0: off), its address (loopback
+    # unless configured), how long a reading of the database gauges is reused, and the log format.
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, alias="SESSION_SYNC_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", alias="SESSION_SYNC_METRICS_HOST")
+    metrics_cache: Duration = Field(timedelta(seconds=15), alias="SESSION_SYNC_METRICS_CACHE")
     log_format: Literal["text", "json"] = Field("text", alias="SESSION_SYNC_LOG_FORMAT")
     # The logout outbox (worker.outbox): delivery period, backoff, dead letters.
     outbox_period: Duration = Field(timedelta(seconds=10), alias="SESSION_SYNC_OUTBOX_PERIOD")

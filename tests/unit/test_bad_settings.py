@@ -44,6 +44,7 @@ ZERO_MEANS_SOMETHING = {
     "SESSION_SYNC_REFRESH_MARGIN": "no floor: the fraction of the lifetime alone sets the margin",
     "SESSION_SYNC_REFRESH_GRACE": "a replaced token stops authenticating at once",
     "SESSION_SYNC_AUDIT_RETENTION": "housekeeping keeps no audit trail",
+    "SESSION_SYNC_METRICS_CACHE": "every scrape reads the database gauges afresh",
 }
 
 #: Malformed values of the free-text settings, which no type or bound describes.
