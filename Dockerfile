@@ -17,5 +17,5 @@ RUN pip install -e . \
 # Not root (Celery warns against it); beat keeps its schedule file in the working directory.
 USER session-sync
 WORKDIR /var/lib/session-sync
-EXPOSE 8900 9808 5555
+EXPOSE 8900 19808 5555
 CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO"]
