@@ -78,7 +78,7 @@ def test_worker_serves_metrics_counted_in_its_pool_children(
         SESSION_SYNC_METRICS_PORT=str(port),
         SESSION_SYNC_METRICS_HOST="127.0.0.1",
         SESSION_SYNC_LOG_FORMAT="json",
-        SESSION_SYNC_METRICS_CACHE="0",  # gauges read on every scrape (the cache: tests/integration/test_scrape_cost.py)
+        SESSION_SYNC_METRICS_CACHE="0",  # gauges read on every scrape (the cache: test_scrape_cost.py)
     )
     rt = runtime.Runtime(Settings.from_env(env))
     try:
