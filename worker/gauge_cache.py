@@ -13,7 +13,10 @@ kept for ``SESSION_SYNC_METRICS_CACHE`` (default 15 s; ``0`` reads on every scra
   round no longer grows with the number of workers (``docs/benchmarks.md``, "Scrape cost").
 
 Only successful readings are shared. A process that cannot read the database reports it itself
-(``session_sync_database_up 0``), and tries again after the same time at most. When Redis does not
+(``session_sync_database_up 0``), and tries again after the same time at most. A process that
+serves a shared reading does not touch the database for it, so ``database_up`` says whether the
+reading it serves succeeded; one worker cut off from a database the others reach shows in its
+failing tasks rather than there. When Redis does not
 answer, each process reads for itself (and leaves Redis alone for that long), so ``/metrics``
 keeps working while the broker is lost. The shared value holds counts and timestamps, never a
 token or an id. Two workers whose readings expire at the same instant may both read: harmless,
