@@ -1,7 +1,7 @@
 """One reading of the database gauges, reused for a short time by every process that serves ``/metrics``.
 
 Why: the gauges of ``/metrics`` (sessions by state, the due backlog, the outbox, the last sweep,
-the guard) are aggregate queries on the app's primary database, eleven of them per reading.
+the guard) are aggregate queries on the app's primary database, a dozen statements per reading.
 Prometheus scrapes every worker, so read on every scrape, N workers cost N readings per scrape
 interval for the very same numbers (and a pair of Prometheus servers, twice that). So a reading is
 kept for ``SESSION_SYNC_METRICS_CACHE`` (default 15 s; ``0`` reads on every scrape):
