@@ -13,6 +13,8 @@
         AuthnRejectedUs      Unauthorized: our own token is wrong
         AuthnProtocolError   the body or envelope is not Pangea's
         AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
+      InvalidUserinfo        from sessions.record_login: the payload is not Pangea's userinfo
+      LoginConflict          from sessions.record_login: its tokens belong to an ended or other session
       SessionInvalid         from sessions.authenticate; .www_authenticate
       UnknownSession         from sessions.logout / logout_user: no such local session or user
 
@@ -119,6 +121,22 @@ class AuthnRequestRejected(AuthnError):
 
 class InvalidUserinfo(SessionSyncError, ValueError):
     """Raised when record_login is handed something that is not Pangea's userinfo; nothing is written."""
+
+
+class LoginConflict(SessionSyncError):
+    """Raised when record_login is handed a login whose tokens already belong to a session that ended (or to a
+    different one); nothing is written and the caller's transaction stays usable. ``session_id``: that session."""
+
+    def __init__(self, message: str = "", *, session_id: int | None = None) -> None:
+        super().__init__(*((message,) if message else ()))
+        self.session_id = session_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_conflict, (str(self), self.session_id))
+
+
+def _rebuild_conflict(message: str, session_id: int | None) -> LoginConflict:
+    return LoginConflict(message, session_id=session_id)
 
 
 class SessionInvalid(SessionSyncError):

@@ -24,12 +24,13 @@ import random
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import orm
+from sqlalchemy.dialects import sqlite
 
-from worker import audit, crypto, decisions, errors, models, outbox, outbox_queries, wire
+from worker import audit, crypto, decisions, errors, models, outbox, outbox_queries, sessions_pg, wire
 from worker.settings import Settings
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
@@ -106,6 +107,10 @@ def record_login(
 
     Returns the new session's id and its opaque cookie handle. Raises ``errors.InvalidUserinfo``
     naming the problem (never a token) and writes nothing when the payload is not Pangea's.
+    Recording the same login again (a retried callback) returns the existing session with a new
+    handle, which replaces the old one; a login whose tokens belong to a session that ended (or to
+    another one) raises ``errors.LoginConflict``. Neither aborts the caller's transaction.
+    On PostgreSQL this is ``session_sync_record_login`` (README "Database contract").
     """
     cipher = cipher or default_cipher()
     now = now or datetime.now(UTC)
@@ -120,29 +125,76 @@ def record_login(
         failures=0,
         uncertain=False,
     )
-    next_check = decisions.plan_next_check(facts, now, policy or default_policy(), _RNG)
     handle = new_handle()
-    row = models.LocalSession(
-        user_id=active.identity,
-        email=active.email,
-        pangea_session_id=refresh.id,
-        active_token_id=active.id,
-        active_token_enc=cipher.encrypt(active.token),
-        active_token_hash=cipher.lookup_hash(active.token),
-        handle_hash=cipher.lookup_hash(handle),
-        refresh_token_enc=cipher.encrypt(refresh.token),
-        active_expires_at=active.expire,
-        active_issued_at=active.created_at,
-        refresh_expires_at=refresh.expire,
-        next_check_at=next_check,
-        created_at=now,
-        updated_at=now,
-    )
-    db.add(row)
-    db.flush()
+    values: dict[str, Any] = {
+        "user_id": active.identity,
+        "email": active.email,
+        "pangea_session_id": refresh.id,  # the session id /v2/session/list reports
+        "active_token_id": active.id,
+        "active_token_enc": cipher.encrypt(active.token),
+        "active_token_hash": cipher.lookup_hash(active.token),
+        "handle_hash": cipher.lookup_hash(handle),
+        "refresh_token_enc": cipher.encrypt(refresh.token),
+        "active_expires_at": active.expire,
+        "active_issued_at": active.created_at,
+        "refresh_expires_at": refresh.expire,
+        "next_check_at": decisions.plan_next_check(facts, now, policy or default_policy(), _RNG),
+        "now": now,
+    }
+    if sessions_pg.is_postgresql(db):
+        session_id, outcome = sessions_pg.record_login(db, values)
+    else:
+        session_id, outcome = _record_login_sqlite(db, values)
+    if outcome == "conflict" or session_id is None:
+        raise errors.LoginConflict(
+            "this login's tokens belong to a local session that ended or to another one"
+            + (f" (local session {session_id})" if session_id is not None else ""),
+            session_id=session_id,
+        )
+    row = db.get(models.LocalSession, session_id, populate_existing=True)
+    assert row is not None  # just written or found in this transaction
     return Login(
         id=row.id, user_id=row.user_id, email=row.email, handle=handle, expires_at=row.active_expires_at, session=row
     )
+
+
+def _record_login_sqlite(db: orm.Session, values: dict[str, Any]) -> tuple[int | None, str]:
+    """``session_sync_record_login`` in Python, for SQLite: keep the two in step (tests run both)."""
+    S = models.LocalSession
+    now = values.pop("now")
+    table = cast(sa.Table, S.__table__)
+    # ON CONFLICT DO NOTHING: a unique violation would end the ORM session's transaction.
+    insert = (
+        sqlite.insert(table)
+        .values(values | {"state": models.SessionState.ACTIVE, "created_at": now, "updated_at": now})
+        .on_conflict_do_nothing()
+        .returning(table.c.id)
+    )
+    new_id = db.execute(insert).scalar()
+    if new_id is not None:
+        return int(new_id), "recorded"
+    found = db.execute(
+        sa.select(S.id, S.state, S.pangea_session_id, S.active_token_id)
+        .where(
+            sa.or_(
+                S.pangea_session_id == values["pangea_session_id"], S.active_token_hash == values["active_token_hash"]
+            )
+        )
+        .order_by(S.id)
+        .limit(1)
+    ).first()
+    if found is None:
+        return None, "conflict"
+    same = (found.pangea_session_id, found.active_token_id) == (values["pangea_session_id"], values["active_token_id"])
+    if found.state is not models.SessionState.ACTIVE or not same:
+        return int(found.id), "conflict"
+    db.execute(
+        sa.update(S)
+        .where(S.id == found.id)
+        .values(handle_hash=values["handle_hash"], updated_at=now, version=S.version + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return int(found.id), "already_recorded"
 
 
 def _parse_userinfo(userinfo: Mapping[str, Any]) -> wire.SessionCreds:
@@ -274,51 +326,104 @@ def authenticate(
 ) -> Authenticated:
     """The live local session for an active token, a handle (``lss_...``) or a local id; else ``SessionInvalid``.
 
-    Answers from the local database only (one indexed query, no Pangea call). A token the worker
+    Answers from the local database only (one indexed query, no Pangea call; on PostgreSQL the
+    contract's ``session_sync_authenticate``). A token the worker
     replaced by a refresh is accepted for ``grace`` (default ``SESSION_SYNC_REFRESH_GRACE``) after
     the rotation, and the answer then carries the new token in ``rotated_token``.
     ``SessionInvalid.reason`` is one of :data:`DESCRIPTIONS`; its message never holds the token.
     """
     now = now or datetime.now(UTC)
-    hashes: list[str] = []  # set when a token was presented (not a handle or an id)
-    params: dict[str, object]
     _check_credential(token_or_session_id, realm)
-    if isinstance(token_or_session_id, int):
-        query, params = _lookup("id", 1), {"k0": token_or_session_id}
-    else:
+    keys: list[str] = []
+    if isinstance(token_or_session_id, str):
         cipher = cipher or default_cipher()
         keys = cipher.lookup_hashes(token_or_session_id)
-        if token_or_session_id.startswith(HANDLE_PREFIX):
-            query = _lookup("handle", len(keys))
-        else:
-            query, hashes = _lookup("token", len(keys)), keys
-        params = {f"k{i}": key for i, key in enumerate(keys)}
+    handle = isinstance(token_or_session_id, str) and token_or_session_id.startswith(HANDLE_PREFIX)
+    bearer = bool(keys) and not handle
+    if bearer and grace is None:
+        grace = default_grace()
     # Core on the session's connection: the ORM's per-statement work would triple the cost.
-    row = db.connection().execute(query, params).first()
-    if row is None:
-        raise _invalid("unknown", realm)
-    if row.state is models.SessionState.LOGGED_OUT:
-        raise _invalid("logged_out", realm)
-    if row.state is models.SessionState.REVOKED:
-        raise _invalid("expired" if row.end_reason == "expired" else "revoked", realm)
-    if row.active_expires_at <= now:
-        raise _invalid("expired", realm)
+    connection = db.connection()
+    if sessions_pg.is_postgresql(connection):
+        if isinstance(token_or_session_id, int):
+            found = sessions_pg.authenticate_id(connection, session_id=token_or_session_id, now=now)
+        else:
+            found = sessions_pg.authenticate(connection, hashes=keys, handle=handle, grace=grace, now=now)
+    else:
+        found = _authenticate_sqlite(connection, token_or_session_id, keys, handle, grace, now)
+    if found.reason is not None:
+        raise _invalid(found.reason, realm)
     rotated = None
-    if hashes and row.active_token_hash not in hashes:
-        # The previous token: good only within the grace period after the worker replaced it.
-        if row.rotated_at is None or now >= row.rotated_at + (default_grace() if grace is None else grace):
-            raise _invalid("replaced", realm)
+    if found.rotated_token_enc is not None:
         assert cipher is not None
-        rotated = cipher.decrypt(row.active_token_enc)
+        rotated = cipher.decrypt(found.rotated_token_enc)
     return Authenticated(
-        id=row.id,
+        id=found.session_id,
+        user_id=found.user_id,
+        email=found.email,
+        expires_at=found.expires_at,
+        created_at=found.created_at,
+        last_checked_at=found.last_checked_at,
+        uncertain=bool(found.uncertain),
+        rotated_token=rotated,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Judged:
+    """What ``session_sync_authenticate`` answers (its ``session_sync_authentication`` row)."""
+
+    reason: str | None
+    session_id: int = 0
+    user_id: str = ""
+    email: str = ""
+    expires_at: datetime = _EARLIEST
+    created_at: datetime = _EARLIEST
+    last_checked_at: datetime | None = None
+    uncertain: bool = False
+    rotated_token_enc: str | None = None
+
+
+def _authenticate_sqlite(
+    connection: sa.Connection,
+    credential: str | int,
+    keys: list[str],
+    handle: bool,
+    grace: timedelta | None,
+    now: datetime,
+) -> _Judged:
+    """``session_sync_authenticate`` (and ``session_sync_judge``) in Python, for SQLite: keep them in step."""
+    params: dict[str, object]
+    if isinstance(credential, int):
+        query, params = _lookup("id", 1), {"k0": credential}
+    else:
+        query, params = _lookup("handle" if handle else "token", len(keys)), {f"k{i}": k for i, k in enumerate(keys)}
+    row = connection.execute(query, params).first()
+    if row is None:
+        return _Judged(reason="unknown")
+    if row.state is models.SessionState.LOGGED_OUT:
+        return _Judged(reason="logged_out")
+    if row.state is models.SessionState.REVOKED:
+        return _Judged(reason="expired" if row.end_reason == "expired" else "revoked")
+    if row.active_expires_at <= now:
+        return _Judged(reason="expired")
+    rotated = None
+    if isinstance(credential, str) and not handle and row.active_token_hash not in keys:
+        # The previous token: good only within the grace period after the worker replaced it.
+        assert grace is not None
+        if row.rotated_at is None or now >= row.rotated_at + grace:
+            return _Judged(reason="replaced")
+        rotated = row.active_token_enc
+    return _Judged(
+        reason=None,
+        session_id=row.id,
         user_id=row.user_id,
         email=row.email,
         expires_at=row.active_expires_at,
         created_at=row.created_at,
         last_checked_at=row.last_checked_at,
         uncertain=row.uncertain,
-        rotated_token=rotated,
+        rotated_token_enc=rotated,
     )
 
 
@@ -399,6 +504,8 @@ def logout(
 ) -> models.LocalSession:
     """End a local session and queue its Pangea logout, in the caller's transaction (flushed, not committed).
 
+    On PostgreSQL this is ``session_sync_logout`` (README "Database contract"), audit row included.
+
     Idempotent: a session that already ended is returned as it is, and nothing more is queued.
     Raises ``errors.UnknownSession`` when there is no such session. ``kick`` (see
     ``worker.outbox.kick_after_commit``) starts delivery right after the commit.
@@ -407,14 +514,15 @@ def logout(
     if not models.is_row_id(session_id):  # no row has it; binding it could even make the driver raise
         raise errors.UnknownSession(f"no local session with id {_shown(session_id)}")
     now = now or datetime.now(UTC)
-    ended = db.execute(_end_sessions(models.LocalSession.id == session_id, reason=reason, now=now)).first()
-    if ended is not None:
-        outbox_queries.add_session_logout(
-            db, session_id=ended.id, user_id=ended.user_id, token_enc=ended.active_token_enc, now=now
-        )
-        audit.record_one(db, _logged_out(ended.id, reason), now=now)
+    if sessions_pg.is_postgresql(db):
+        _, event_id = sessions_pg.logout(db, session_id=session_id, reason=reason, now=now)
+        queued = event_id is not None
+    else:
+        queued = _logout_sqlite(db, session_id, reason=reason, now=now)
+    if queued:
         outbox.kick_after_commit(db, kick)
-    row = db.get(models.LocalSession, session_id)
+    # populate_existing: the row changed under any copy the ORM session holds.
+    row = db.get(models.LocalSession, session_id, populate_existing=True)
     if row is None:
         raise errors.UnknownSession(f"no local session with id {_shown(session_id)}")
     return row
@@ -439,14 +547,48 @@ def logout_user(
     if not models.fits_id_column(user_id):
         raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
     now = now or datetime.now(UTC)
+    if sessions_pg.is_postgresql(db):
+        done = sessions_pg.logout_user(db, user_id=user_id, reason=reason, now=now)
+        if done is not None:
+            _expire_sessions(db, done[0])
+    else:
+        done = _logout_user_sqlite(db, user_id, reason=reason, now=now)
+    if done is None:
+        raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
+    ended, event_id = done
+    outbox.kick_after_commit(db, kick)
+    return UserLogout(user_id=user_id, session_ids=tuple(ended), event_id=event_id)
+
+
+def _logout_sqlite(db: orm.Session, session_id: int, *, reason: str, now: datetime) -> bool:
+    """``session_sync_logout`` in Python, for SQLite: whether this call ended the session (and queued its logout)."""
+    ended = db.execute(_end_sessions(models.LocalSession.id == session_id, reason=reason, now=now)).first()
+    if ended is None:
+        return False
+    outbox_queries.add_session_logout(
+        db, session_id=ended.id, user_id=ended.user_id, token_enc=ended.active_token_enc, now=now
+    )
+    audit.record_one(db, _logged_out(ended.id, reason), now=now)
+    return True
+
+
+def _logout_user_sqlite(db: orm.Session, user_id: str, *, reason: str, now: datetime) -> tuple[list[int], int] | None:
+    """``session_sync_logout_user`` in Python, for SQLite: (ended ids, event id); None for an unknown user."""
     S = models.LocalSession
     ended = sorted(row.id for row in db.execute(_end_sessions(S.user_id == user_id, reason=reason, now=now)))
     if not ended and db.execute(sa.select(S.id).where(S.user_id == user_id).limit(1)).first() is None:
-        raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
+        return None
     event_id = outbox_queries.add_user_logout(db, user_id=user_id, now=now)
     audit.record(db, [_logged_out(sid, reason) for sid in ended], now=now)
-    outbox.kick_after_commit(db, kick)
-    return UserLogout(user_id=user_id, session_ids=tuple(ended), event_id=event_id)
+    return ended, event_id
+
+
+def _expire_sessions(db: orm.Session, session_ids: list[int]) -> None:
+    """Forget the ORM session's copies of rows a function changed, so they are read again."""
+    ids = set(session_ids)
+    for obj in list(db.identity_map.values()):
+        if isinstance(obj, models.LocalSession) and obj.id in ids:
+            db.expire(obj)
 
 
 def _logged_out(session_id: int, reason: str) -> audit.Event:
