@@ -179,3 +179,56 @@ def test_offline_mode_renders_sql_for_postgresql() -> None:
     sql = config.output_buffer.getvalue()
     assert "CREATE TABLE sessions" in sql
     assert "CREATE INDEX ix_sessions_next_check_at ON sessions (next_check_at) WHERE state = 'active'" in sql
+
+
+#: The database contract's functions (README "Database contract"), created on PostgreSQL only.
+CONTRACT_FUNCTIONS = {
+    "session_sync_record_login",
+    "session_sync_authenticate",
+    "session_sync_authenticate_id",
+    "session_sync_judge",
+    "session_sync_logout",
+    "session_sync_logout_user",
+    "session_sync_check_reason",
+}
+CONTRACT_REVISION = "7d1c4e2a9b30"
+
+
+def contract_objects(url: str) -> set[str]:
+    """Our functions and types on PostgreSQL; on SQLite, every schema object (it has no functions)."""
+    engine = db.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                return {
+                    f"{kind}:{name}" for kind, name in conn.execute(sa.text("SELECT type, name FROM sqlite_master"))
+                }
+            functions = conn.execute(sa.text("SELECT proname FROM pg_proc WHERE proname LIKE 'session_sync%'"))
+            types = conn.execute(sa.text("SELECT typname FROM pg_type WHERE typname = 'session_sync_authentication'"))
+            return set(functions.scalars()) | set(types.scalars())
+    finally:
+        engine.dispose()
+
+
+def test_the_contract_revision_creates_and_drops_its_functions(empty_url: str) -> None:
+    # Given a database one revision before the contract's functions
+    script = ScriptDirectory.from_config(db.alembic_config("sqlite://"))
+    before = script.get_revision(CONTRACT_REVISION).down_revision
+    assert isinstance(before, str)
+    db.upgrade(empty_url, before)
+    untouched = contract_objects(empty_url)
+
+    # When the contract's revision is applied
+    db.upgrade(empty_url, CONTRACT_REVISION)
+    created = contract_objects(empty_url)
+
+    # Then PostgreSQL has the functions and their result type; SQLite's schema is exactly as it was
+    if empty_url.startswith("sqlite"):
+        assert created == untouched
+    else:
+        assert untouched == set()
+        assert created == CONTRACT_FUNCTIONS | {"session_sync_authentication"}
+
+    # And going back down drops them all again
+    db.downgrade(empty_url, before)
+    assert contract_objects(empty_url) == untouched
