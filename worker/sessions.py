@@ -326,104 +326,54 @@ def authenticate(
 ) -> Authenticated:
     """The live local session for an active token, a handle (``lss_...``) or a local id; else ``SessionInvalid``.
 
-    Answers from the local database only (one indexed query, no Pangea call; on PostgreSQL the
-    contract's ``session_sync_authenticate``). A token the worker
+    Answers from the local database only (one indexed query, no Pangea call). A token the worker
     replaced by a refresh is accepted for ``grace`` (default ``SESSION_SYNC_REFRESH_GRACE``) after
     the rotation, and the answer then carries the new token in ``rotated_token``.
     ``SessionInvalid.reason`` is one of :data:`DESCRIPTIONS`; its message never holds the token.
     """
     now = now or datetime.now(UTC)
+    hashes: list[str] = []  # set when a token was presented (not a handle or an id)
+    params: dict[str, object]
     _check_credential(token_or_session_id, realm)
-    keys: list[str] = []
-    if isinstance(token_or_session_id, str):
+    if isinstance(token_or_session_id, int):
+        query, params = _lookup("id", 1), {"k0": token_or_session_id}
+    else:
         cipher = cipher or default_cipher()
         keys = cipher.lookup_hashes(token_or_session_id)
-    handle = isinstance(token_or_session_id, str) and token_or_session_id.startswith(HANDLE_PREFIX)
-    bearer = bool(keys) and not handle
-    if bearer and grace is None:
-        grace = default_grace()
-    # Core on the session's connection: the ORM's per-statement work would triple the cost.
-    connection = db.connection()
-    if sessions_pg.is_postgresql(connection):
-        if isinstance(token_or_session_id, int):
-            found = sessions_pg.authenticate_id(connection, session_id=token_or_session_id, now=now)
+        if token_or_session_id.startswith(HANDLE_PREFIX):
+            query = _lookup("handle", len(keys))
         else:
-            found = sessions_pg.authenticate(connection, hashes=keys, handle=handle, grace=grace, now=now)
-    else:
-        found = _authenticate_sqlite(connection, token_or_session_id, keys, handle, grace, now)
-    if found.reason is not None:
-        raise _invalid(found.reason, realm)
-    rotated = None
-    if found.rotated_token_enc is not None:
-        assert cipher is not None
-        rotated = cipher.decrypt(found.rotated_token_enc)
-    return Authenticated(
-        id=found.session_id,
-        user_id=found.user_id,
-        email=found.email,
-        expires_at=found.expires_at,
-        created_at=found.created_at,
-        last_checked_at=found.last_checked_at,
-        uncertain=bool(found.uncertain),
-        rotated_token=rotated,
-    )
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class _Judged:
-    """What ``session_sync_authenticate`` answers (its ``session_sync_authentication`` row)."""
-
-    reason: str | None
-    session_id: int = 0
-    user_id: str = ""
-    email: str = ""
-    expires_at: datetime = _EARLIEST
-    created_at: datetime = _EARLIEST
-    last_checked_at: datetime | None = None
-    uncertain: bool = False
-    rotated_token_enc: str | None = None
-
-
-def _authenticate_sqlite(
-    connection: sa.Connection,
-    credential: str | int,
-    keys: list[str],
-    handle: bool,
-    grace: timedelta | None,
-    now: datetime,
-) -> _Judged:
-    """``session_sync_authenticate`` (and ``session_sync_judge``) in Python, for SQLite: keep them in step."""
-    params: dict[str, object]
-    if isinstance(credential, int):
-        query, params = _lookup("id", 1), {"k0": credential}
-    else:
-        query, params = _lookup("handle" if handle else "token", len(keys)), {f"k{i}": k for i, k in enumerate(keys)}
-    row = connection.execute(query, params).first()
+            query, hashes = _lookup("token", len(keys)), keys
+        params = {f"k{i}": key for i, key in enumerate(keys)}
+    # Core on the session's connection: the ORM's per-statement work would triple the cost. Not
+    # session_sync_authenticate on PostgreSQL: this is every request's path, and the PL/pgSQL call
+    # costs several times this bare indexed SELECT in server time (README "Database contract").
+    # Keep the checks in step with session_sync_judge (tests hold the two to each other).
+    row = db.connection().execute(query, params).first()
     if row is None:
-        return _Judged(reason="unknown")
+        raise _invalid("unknown", realm)
     if row.state is models.SessionState.LOGGED_OUT:
-        return _Judged(reason="logged_out")
+        raise _invalid("logged_out", realm)
     if row.state is models.SessionState.REVOKED:
-        return _Judged(reason="expired" if row.end_reason == "expired" else "revoked")
+        raise _invalid("expired" if row.end_reason == "expired" else "revoked", realm)
     if row.active_expires_at <= now:
-        return _Judged(reason="expired")
+        raise _invalid("expired", realm)
     rotated = None
-    if isinstance(credential, str) and not handle and row.active_token_hash not in keys:
+    if hashes and row.active_token_hash not in hashes:
         # The previous token: good only within the grace period after the worker replaced it.
-        assert grace is not None
-        if row.rotated_at is None or now >= row.rotated_at + grace:
-            return _Judged(reason="replaced")
-        rotated = row.active_token_enc
-    return _Judged(
-        reason=None,
-        session_id=row.id,
+        if row.rotated_at is None or now >= row.rotated_at + (default_grace() if grace is None else grace):
+            raise _invalid("replaced", realm)
+        assert cipher is not None
+        rotated = cipher.decrypt(row.active_token_enc)
+    return Authenticated(
+        id=row.id,
         user_id=row.user_id,
         email=row.email,
         expires_at=row.active_expires_at,
         created_at=row.created_at,
         last_checked_at=row.last_checked_at,
         uncertain=row.uncertain,
-        rotated_token_enc=rotated,
+        rotated_token=rotated,
     )
 
 

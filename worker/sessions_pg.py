@@ -1,9 +1,11 @@
 """``worker.sessions`` on PostgreSQL: calls of the database contract's functions (README "Database contract").
 
-The functions (revision ``7d1c4e2a9b30``) are the one implementation of recording a login,
-authenticating and logging out on PostgreSQL; apps in other languages call the same ones, so
-their rows and answers cannot drift from ours. SQLite has no stored functions: there
-``worker.sessions`` runs the same rules in Python, and the tests run every rule on both.
+The functions (revision ``7d1c4e2a9b30``) are the one implementation of every write on PostgreSQL
+(recording a login, logging out); apps in other languages call the same ones, so the rows the
+worker acts on cannot drift from ours. SQLite has no stored functions: there ``worker.sessions``
+runs the same rules in Python, and the tests run every rule on both. ``authenticate`` reads only
+and runs on every request, so it keeps its bare indexed SELECT; ``session_sync_authenticate`` is
+for other languages, held to it answer for answer by the tests.
 
 Each call is one statement in the caller's transaction. Keys stay here: the database is given
 hashes and ciphertexts only.
@@ -11,8 +13,7 @@ hashes and ciphertexts only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,29 +51,6 @@ def record_login(db: orm.Session, values: dict[str, Any]) -> tuple[int | None, s
     """``(session id, outcome)``: ``recorded``, ``already_recorded`` (the same live login) or ``conflict``."""
     row = db.execute(_RECORD_LOGIN, values).one()
     return (None if row.session_id is None else int(row.session_id)), str(row.outcome)
-
-
-_AUTH_COLUMNS = (
-    "reason, session_id, user_id, email, expires_at, created_at, last_checked_at, uncertain, rotated_token_enc"
-)
-_AUTHENTICATE = sa.text(
-    f"SELECT {_AUTH_COLUMNS} FROM {AUTHENTICATE}(CAST(:hashes AS text[]), :handle, CAST(:grace AS interval), :now)"
-)
-_AUTHENTICATE_ID = sa.text(f"SELECT {_AUTH_COLUMNS} FROM {AUTHENTICATE_ID}(CAST(:id AS bigint), :now)")
-
-
-def authenticate(
-    connection: sa.Connection, *, hashes: Sequence[str], handle: bool, grace: timedelta | None, now: datetime
-) -> Any:
-    """The function's one row: ``reason`` (None: live) and, when live, the session's fields."""
-    return connection.execute(
-        _AUTHENTICATE, {"hashes": list(hashes), "handle": handle, "grace": grace, "now": now}
-    ).one()
-
-
-def authenticate_id(connection: sa.Connection, *, session_id: int, now: datetime) -> Any:
-    """Like :func:`authenticate`, for a local session id."""
-    return connection.execute(_AUTHENTICATE_ID, {"id": session_id, "now": now}).one()
 
 
 _LOGOUT = sa.text(f"SELECT session_id, state, event_id FROM {LOGOUT}(CAST(:id AS bigint), :reason, :now)")

@@ -1,10 +1,11 @@
 """The database contract's functions and ``worker.sessions``: one behaviour on both engines.
 
-On PostgreSQL ``worker.sessions`` calls ``session_sync_record_login`` and friends; on SQLite it runs
-the same rules in Python. These tests hold the two to each other (the same script of logins,
-requests and logouts writes the same rows and gets the same answers on both), prove that a login
-recorded twice never aborts the caller's transaction, and that bad input to a function is a clear
-error that writes nothing.
+On PostgreSQL ``worker.sessions`` writes through ``session_sync_record_login`` and the logout
+functions; on SQLite it runs the same rules in Python. ``authenticate`` runs its own indexed SELECT
+on both, and ``session_sync_authenticate`` must answer exactly as it does. These tests hold them to
+each other (the same script of logins, requests and logouts writes the same rows and gets the same
+answers on both engines, and from the function), prove that a login recorded twice never aborts
+the caller's transaction, and that bad input to a function is a clear error that writes nothing.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def script(factory: orm.sessionmaker[orm.Session]) -> dict[str, Any]:
                 answers[name] = ("ok", found.id, found.email, found.expires_at, found.rotated_token)
             except errors.SessionInvalid as exc:
                 answers[name] = (exc.reason, exc.www_authenticate)
+            if db.get_bind().dialect.name == "postgresql" and credential != "":
+                # The contract's function (what other languages call) answers as authenticate did
+                assert function_answer(db, credential, at, grace) == answers[name], name
 
     with factory.begin() as db:
         ann, bob, cid = record(db, 1), record(db, 2, user="pui_bob"), record(db, 3, user="pui_cid", life=60)
@@ -197,6 +201,23 @@ def script(factory: orm.sessionmaker[orm.Session]) -> dict[str, Any]:
     ask("revoked expired", cid.id)
     ask("revoked", userinfo(4)["result"]["active_token"]["token"])
     return answers | {"rows": rows(factory)}
+
+
+def function_answer(db: orm.Session, credential: str | int, at: datetime, grace: timedelta) -> tuple[Any, ...]:
+    """``session_sync_authenticate`` (or ``_id``) called as the README says, in authenticate's answer shape."""
+    if isinstance(credential, int):
+        query = "SELECT * FROM session_sync_authenticate_id(:id, :now)"
+        found = db.execute(sa.text(query), {"id": credential, "now": at}).one()
+    else:
+        query = "SELECT * FROM session_sync_authenticate(:hashes, :handle, :grace, :now)"
+        handle = credential.startswith(sessions.HANDLE_PREFIX)
+        params = {"hashes": CIPHER.lookup_hashes(credential), "handle": handle, "grace": None if handle else grace}
+        found = db.execute(sa.text(query), params | {"now": at}).one()
+    if found.reason is not None:
+        refused = errors.SessionInvalid(sessions.DESCRIPTIONS[found.reason], reason=found.reason)
+        return (found.reason, refused.www_authenticate)
+    rotated = CIPHER.decrypt(found.rotated_token_enc) if found.rotated_token_enc is not None else None
+    return ("ok", found.session_id, found.email, found.expires_at, rotated)
 
 
 def dataclass_fields(value: sessions.UserLogout) -> tuple[Any, ...]:
