@@ -135,8 +135,9 @@ function challenge(realm, reason) {
 /**
  * Authenticate a request's credential: a cookie handle (lss_...), a bearer token, or a local id.
  * Returns {status: 200, session} or {status: 401, reason, challenge} (the WWW-Authenticate value).
+ * `now` (an ISO time, or null for the database's clock) lets a test ask both sides at one instant.
  */
-export async function authenticate(db, keys, credential, { grace = "2m", realm = "session-sync" } = {}) {
+export async function authenticate(db, keys, credential, { grace = "2m", realm = "session-sync", now = null } = {}) {
   if (credential === null || credential === undefined || credential === "") {
     return { status: 401, reason: "missing", challenge: challenge(realm, "missing") };
   }
@@ -145,13 +146,14 @@ export async function authenticate(db, keys, credential, { grace = "2m", realm =
     if (!Number.isSafeInteger(credential) || credential < 1) {
       return { status: 401, reason: "unknown", challenge: challenge(realm, "unknown") };
     }
-    ({ rows } = await db.query("SELECT * FROM session_sync_authenticate_id($1)", [credential]));
+    ({ rows } = await db.query("SELECT * FROM session_sync_authenticate_id($1, $2)", [credential, now]));
   } else {
     const handle = credential.startsWith(HANDLE_PREFIX);
-    ({ rows } = await db.query("SELECT * FROM session_sync_authenticate($1, $2, $3)", [
+    ({ rows } = await db.query("SELECT * FROM session_sync_authenticate($1, $2, $3, $4)", [
       lookupHashes(keys, credential),
       handle,
       handle ? null : grace,
+      now, // null: the database's clock
     ]));
   }
   const [answer] = rows;

@@ -1,7 +1,7 @@
 // The conformance test's driver: one JSON request per line on stdin, one JSON answer per line on
 // stdout. Each request runs in its own transaction, as a web request would:
 //   {"op": "configure", "keys": "<SESSION_SYNC_ENCRYPTION_KEYS>", "grace": "2m", "realm": "example"}
-//   {"op": "record", "userinfo": {...}}            {"op": "authenticate", "credential": "..." | 7 | null}
+//   {"op": "record", "userinfo": {...}}            {"op": "authenticate", "credential": "..." | 7 | null, "now": iso}
 //   {"op": "logout", "id": 7, "reason": "..."}     {"op": "logout_user", "user_id": "pui_...", "reason": "..."}
 //   {"op": "record_then_query", "userinfo": {...}} (records, then proves the transaction still works)
 //   {"op": "decrypt", "ciphertext": "..."}         {"op": "encrypt", "plaintext": "..."}
@@ -40,7 +40,7 @@ const ops = {
     }),
   authenticate: (r) =>
     inTransaction(() =>
-      contract.authenticate(db, config.keys, r.credential, { grace: config.grace, realm: config.realm }),
+      contract.authenticate(db, config.keys, r.credential, { grace: config.grace, realm: config.realm, now: r.now }),
     ),
   logout: (r) => inTransaction(() => contract.logout(db, r.id, r.reason)),
   logout_user: (r) => inTransaction(() => contract.logoutUser(db, r.user_id, r.reason)),

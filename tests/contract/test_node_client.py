@@ -85,12 +85,16 @@ def userinfo(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float
 
 
 def python_answer(
-    rt: runtime.Runtime, credential: Any, cipher: crypto.TokenCipher, grace: timedelta = timedelta(minutes=2)
+    rt: runtime.Runtime,
+    credential: Any,
+    cipher: crypto.TokenCipher,
+    now: datetime,
+    grace: timedelta = timedelta(minutes=2),
 ) -> dict[str, Any]:
-    """``worker.sessions.authenticate``'s answer, in the Node client's shape."""
+    """``worker.sessions.authenticate``'s answer at ``now``, in the Node client's shape."""
     with rt.sessions() as db:
         try:
-            found = sessions.authenticate(db, credential, cipher=cipher, realm=REALM, grace=grace)
+            found = sessions.authenticate(db, credential, cipher=cipher, realm=REALM, grace=grace, now=now)
         except errors.SessionInvalid as exc:
             return {"status": 401, "reason": exc.reason, "challenge": exc.www_authenticate}
     return {"status": 200, "session": {**vars_of(found), "rotated_token": found.rotated_token}}
@@ -108,8 +112,9 @@ def vars_of(found: sessions.Authenticated) -> dict[str, Any]:
     }
 
 
-def node_answer(node: NodeClient, credential: Any) -> dict[str, Any]:
-    answer: dict[str, Any] = node.call("authenticate", credential=credential)
+def node_answer(node: NodeClient, credential: Any, now: datetime) -> dict[str, Any]:
+    """The Node client's answer at ``now`` (both sides are asked at one instant: no race with an expiry)."""
+    answer: dict[str, Any] = node.call("authenticate", credential=credential, now=now.isoformat())
     if answer["status"] == 200:
         session = answer["session"]
         for field in ("expires_at", "created_at", "last_checked_at"):
@@ -204,21 +209,23 @@ def test_node_records_authenticates_logs_out_and_rotates_keys_like_worker_sessio
     tokens = [info["result"]["active_token"]["token"] for info in (py_info, node_info)]
     credentials: list[Any] = [py.handle, again["handle"], first["handle"], *tokens, py.id, first["id"]]
     credentials += ["", None, "pta_nobody", "lss_NOBODY", 2**62, f"{tokens[0]} "]
+    at = datetime.now(UTC)
     for credential in credentials:
-        assert node_answer(node, credential) == python_answer(rt, credential, old_cipher), credential
-    assert node_answer(node, first["handle"])["reason"] == "unknown"  # replaced by the retried callback's handle
+        assert node_answer(node, credential, at) == python_answer(rt, credential, old_cipher, at), credential
+    assert node_answer(node, first["handle"], at)["reason"] == "unknown"  # replaced by the retried callback's handle
 
     # When the worker refreshes both sessions (6 s tokens: the lifetime caps the margin at 3 s, less jitter)
     time.sleep(3.8)
     assert rt.run(rt.engine.resync()).refreshed == 2
     # Then a replaced token is answered alike: within the grace with the new token, after it as replaced
+    at = max(stored(rt, sid)["rotated_at"] for sid in (py.id, first["id"])) + timedelta(seconds=1)
     for credential in tokens:
-        within = node_answer(node, credential)
-        assert within == python_answer(rt, credential, old_cipher) and within["session"]["rotated_token"]
+        within = node_answer(node, credential, at)
+        assert within == python_answer(rt, credential, old_cipher, at) and within["session"]["rotated_token"]
     node.call("configure", keys=KEY, grace="0", realm=REALM)
     for credential in tokens:
-        after = node_answer(node, credential)
-        assert after == python_answer(rt, credential, old_cipher, timedelta(0)) and after["reason"] == "replaced"
+        after = node_answer(node, credential, at)
+        assert after == python_answer(rt, credential, old_cipher, at, timedelta(0)) and after["reason"] == "replaced"
 
     # When the keys rotate (a new key first, the old one kept to decrypt and look up)
     new_key = crypto.generate_key()
@@ -233,7 +240,7 @@ def test_node_records_authenticates_logs_out_and_rotates_keys_like_worker_sessio
     )
     assert_login_row(stored(rt, late["id"]), late_info, rotated)
     for credential in [*tokens, late["handle"], late_info["result"]["active_token"]["token"], py.handle]:
-        assert node_answer(node, credential) == python_answer(rt, credential, rotated), credential
+        assert node_answer(node, credential, at) == python_answer(rt, credential, rotated, at), credential
 
     # When each side logs a session out, twice, and an unknown one
     before = {sid: stored(rt, sid)["version"] for sid in (py.id, first["id"])}
