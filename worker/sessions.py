@@ -173,20 +173,17 @@ def _record_login_sqlite(db: orm.Session, values: dict[str, Any]) -> tuple[int |
     new_id = db.execute(insert).scalar()
     if new_id is not None:
         return int(new_id), "recorded"
+    holds_token = S.active_token_hash == values["active_token_hash"]
     found = db.execute(
-        sa.select(S.id, S.state, S.pangea_session_id, S.active_token_id)
-        .where(
-            sa.or_(
-                S.pangea_session_id == values["pangea_session_id"], S.active_token_hash == values["active_token_hash"]
-            )
-        )
-        .order_by(S.id)
+        sa.select(S.id, S.state, S.active_token_id)
+        .where(sa.or_(holds_token, S.pangea_session_id == values["pangea_session_id"]))
+        .order_by(holds_token.desc(), S.id)
         .limit(1)
     ).first()
     if found is None:
         return None, "conflict"
-    same = (found.pangea_session_id, found.active_token_id) == (values["pangea_session_id"], values["active_token_id"])
-    if found.state is not models.SessionState.ACTIVE or not same:
+    # The active token names a login: the worker may have corrected pangea_session_id since.
+    if found.state is not models.SessionState.ACTIVE or found.active_token_id != values["active_token_id"]:
         return int(found.id), "conflict"
     db.execute(
         sa.update(S)

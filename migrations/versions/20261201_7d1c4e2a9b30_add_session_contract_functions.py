@@ -125,11 +125,12 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The row holding this active token first: the worker may since have corrected the session's
+    -- pangea_session_id from Pangea's session list, so the active token is what names a login.
     SELECT * INTO found_row FROM sessions s
-    WHERE s.pangea_session_id = p_pangea_session_id OR s.active_token_hash = p_active_token_hash
-    ORDER BY s.id LIMIT 1;
-    IF found_row.id IS NOT NULL AND found_row.state = 'active'
-       AND found_row.pangea_session_id = p_pangea_session_id AND found_row.active_token_id = p_active_token_id THEN
+    WHERE s.active_token_hash = p_active_token_hash OR s.pangea_session_id = p_pangea_session_id
+    ORDER BY s.active_token_hash = p_active_token_hash DESC, s.id LIMIT 1;
+    IF found_row.id IS NOT NULL AND found_row.state = 'active' AND found_row.active_token_id = p_active_token_id THEN
         -- The same login, still live: the newest handle is the one that works (the retried
         -- callback's answer is the one the browser keeps).
         IF p_handle_hash IS NOT NULL THEN
@@ -139,7 +140,7 @@ BEGIN
         RETURN QUERY SELECT found_row.id, 'already_recorded'::text;
         RETURN;
     END IF;
-    -- An ended session, or one that shares only one of the two ids: never revive or merge it.
+    -- An ended session, or another login's (it shares only the Pangea session id): never revive or merge it.
     RETURN QUERY SELECT found_row.id, 'conflict'::text;
 END
 $$;

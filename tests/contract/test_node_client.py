@@ -346,7 +346,7 @@ def test_a_logout_from_node_of_a_lapsed_session_ends_it_at_pangea(
     assert node.call("logout", id=sid)["event_id"]
     counts = rt.run(rt.delivery.drain())
 
-    # Then the session was ended at Pangea by the id Node stored (not taken for "already logged out")
+    # Then the session was ended at Pangea by its id (not taken for "already logged out")
     assert (counts.delivered, counts.already) == (1, 0)
     assert emu.admin.stats()["requests"]["/v2/session/invalidate"] == {"200": 1}
     pangea_id = info["result"]["refresh_token"]["id"]
