@@ -92,6 +92,21 @@ def test_recording_the_same_login_twice_returns_its_session_and_the_transaction_
         assert caught.value.reason == "unknown"
 
 
+def test_a_retried_callback_finds_its_session_after_the_worker_corrected_its_pangea_id(
+    factory: orm.sessionmaker[orm.Session],
+) -> None:
+    # Given a login whose Pangea session id the worker since learned from Pangea's session list
+    with factory.begin() as db:
+        first = record(db, 1)
+        db.execute(sa.update(models.LocalSession).values(pangea_session_id="pmt_learned_from_the_list"))
+
+    # When the callback is retried with the login's userinfo, Then it is the same session
+    with factory.begin() as db:
+        assert record(db, 1).id == first.id
+    with factory() as db:
+        assert count(db, "sessions") == 1
+
+
 def test_recording_twice_in_one_transaction_is_the_same_session(factory: orm.sessionmaker[orm.Session]) -> None:
     with factory.begin() as db:
         first, again = record(db, 1), record(db, 1)
