@@ -61,6 +61,8 @@ class RunningEmulator:
     service_token: str
     client_token: str
     admin: emulator.EmulatorAdmin
+    #: The HTTP code InvalidToken and ExpiredToken come with (see VERDICT_CODES).
+    verdict_code: int = 400
 
 
 class _ThreadedServer(uvicorn.Server):
@@ -81,18 +83,40 @@ def _serve_in_thread(app: object, port: int) -> tuple[_ThreadedServer, threading
     return server, thread
 
 
-@pytest.fixture(scope="session")
-def emulator_server() -> Iterator[RunningEmulator]:
-    """One emulator for the whole run, listening on loopback."""
+#: The HTTP codes Pangea may give token verdicts (InvalidToken, ExpiredToken): documented nowhere,
+#: so the scenarios that judge verdicts run against an emulator answering with each.
+VERDICT_CODES = (400, 401)
+#: Runs a test once per entry of VERDICT_CODES: its ``emu`` (and ``make_runtime``) answers with that code.
+verdict_codes = pytest.mark.parametrize("emu", VERDICT_CODES, indirect=True, ids=lambda code: f"verdicts{code}")
+
+
+def _running_emulator(verdict_code: int = 400) -> Iterator[RunningEmulator]:
     port = free_port()
-    app = emulator.create_app(service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN)
+    codes = {"InvalidToken": verdict_code, "ExpiredToken": verdict_code}
+    app = emulator.create_app(
+        service_token=emulator.DEFAULT_SERVICE_TOKEN, client_token=emulator.DEFAULT_CLIENT_TOKEN, http_codes=codes
+    )
     server, thread = _serve_in_thread(app, port)
     base_url = f"http://127.0.0.1:{port}"
     admin = emulator.EmulatorAdmin(base_url)
-    yield RunningEmulator(base_url, emulator.DEFAULT_SERVICE_TOKEN, emulator.DEFAULT_CLIENT_TOKEN, admin)
+    yield RunningEmulator(
+        base_url, emulator.DEFAULT_SERVICE_TOKEN, emulator.DEFAULT_CLIENT_TOKEN, admin, verdict_code=verdict_code
+    )
     admin.close()
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[RunningEmulator]:
+    """One emulator for the whole run, listening on loopback (token verdicts under HTTP 400)."""
+    yield from _running_emulator()
+
+
+@pytest.fixture(scope="session")
+def emulator_server_401() -> Iterator[RunningEmulator]:
+    """An emulator for the whole run that answers InvalidToken and ExpiredToken with HTTP 401."""
+    yield from _running_emulator(401)
 
 
 @pytest.fixture
@@ -106,11 +130,16 @@ def other_project() -> Iterator[str]:
 
 
 @pytest.fixture
-def emu(emulator_server: RunningEmulator) -> Iterator[RunningEmulator]:
-    """The emulator, reset before and after the test (sessions, counters, faults)."""
-    emulator_server.admin.reset()
-    yield emulator_server
-    emulator_server.admin.reset()
+def emu(request: pytest.FixtureRequest) -> Iterator[RunningEmulator]:
+    """The emulator, reset before and after the test (sessions, counters, faults).
+
+    Token verdicts come with HTTP 400, or with the code a ``@verdict_codes`` test names.
+    """
+    code = getattr(request, "param", 400)
+    server: RunningEmulator = request.getfixturevalue("emulator_server" if code == 400 else f"emulator_server_{code}")
+    server.admin.reset()
+    yield server
+    server.admin.reset()
 
 
 # --- databases ------------------------------------------------------------------------------------

@@ -325,71 +325,75 @@ class AuthnClient:
 
     @staticmethod
     def _verdict(env: wire.Envelope, path: str) -> wire.Verdict:
-        verdict = wire.VERDICT_STATUSES.get(env.status)
+        """The verdict an envelope carries; a refusal of the request is raised (never a verdict)."""
+        verdict = wire.VERDICTS.get(wire.STATUS_OUTCOMES[env.status])
         if verdict is None:
-            raise errors.AuthnRequestRejected(
-                f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
-            )
+            raise _refused(env, path)
         return verdict
 
     @staticmethod
     def _expect_success(env: wire.Envelope, path: str) -> Any:
         if env.status != "Success":
-            raise errors.AuthnRequestRejected(
-                f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
-            )
+            raise _refused(env, path)
         return env.result
+
+
+def _refused(env: wire.Envelope, path: str) -> errors.AuthnRequestRejected:
+    """The error for an answer that is Pangea's but not the one the endpoint needs (``status`` names it)."""
+    return errors.AuthnRequestRejected(
+        f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
+    )
 
 
 def _classify(
     response: httpx.Response, content: bytes | None, path: str, header_id: str | None, *, idempotent: bool
 ) -> wire.Envelope:
-    """The envelope of a response that Pangea answers for itself; failures raised by class.
+    """The envelope of an answer Pangea gave for itself; every failure to get one raised by class.
 
-    A body that is too large, or not labelled JSON, is not Pangea's answer whatever it holds: a
-    proxy's page, or Pangea's words relabelled by something we cannot trust. It is a protocol
-    error, never a verdict (and a refresh behind it stays ``uncertain``: worker.engine).
+    Pangea's envelope decides, whatever the HTTP code (``wire.outcome_of`` holds the table). A body
+    that is too large, or not labelled JSON, is not Pangea's answer whatever it holds: a proxy's
+    page, or Pangea's words relabelled by something we cannot trust. Then only the HTTP code
+    speaks, and it never gives a verdict (a refresh behind it stays ``uncertain``: worker.engine).
+    Returns envelopes whose outcome is a verdict or a refusal; the endpoint reads them.
     """
     code = response.status_code
-    if code == 429:
+    env: wire.Envelope | None = None
+    problem = ""
+    if content is None:
+        problem = f"{path}: answer larger than {MAX_RESPONSE_BYTES} bytes"
+    else:
+        media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            problem = f"{path}: answer labelled {media_type or 'nothing'!r}, not application/json"
+        else:
+            try:
+                env = wire.parse_envelope(content, path=path, header_request_id=header_id)
+            except errors.AuthnProtocolError as exc:
+                problem = str(exc)
+    outcome = wire.outcome_of(code, env.status if env else None)
+    request_id = env.request_id if env else header_id
+    # Messages name what decided: the code for a server error, else the status (audit trail, logs).
+    said = f"HTTP {code}" if env is None or code >= 500 else env.status
+    if outcome is wire.Outcome.UNAVAILABLE:
+        cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
+        raise cls(f"{path}: {said}", path=path, request_id=request_id)
+    if outcome is wire.Outcome.RATE_LIMITED:
         raise errors.AuthnRateLimited(
             f"{path}: TooManyRequests",
             path=path,
-            request_id=header_id,
+            request_id=request_id,
             retry_after=wire.parse_retry_after(response.headers.get("retry-after")),
         )
-    if code == 401:
+    if outcome is wire.Outcome.REJECTED_US:
         raise errors.AuthnRejectedUs(
-            f"{path}: Unauthorized (check PANGEA_AUTHN_TOKEN)", path=path, request_id=header_id
+            f"{path}: Unauthorized (check PANGEA_AUTHN_TOKEN)", path=path, request_id=request_id
         )
-    if code >= 500:
-        cls = errors.AuthnUnavailable if idempotent else errors.AuthnOutcomeUnknown
-        raise cls(f"{path}: HTTP {code}", path=path, request_id=header_id)
-    if content is None:
-        raise errors.AuthnProtocolError(
-            f"{path}: answer larger than {MAX_RESPONSE_BYTES} bytes", path=path, request_id=header_id
-        )
-    media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise errors.AuthnProtocolError(
-            f"{path}: answer labelled {media_type or 'nothing'!r}, not application/json",
-            path=path,
-            request_id=header_id,
-        )
-    env = wire.parse_envelope(content, path=path, header_request_id=header_id)
-    if env.status == "TooManyRequests":
-        retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
-        raise errors.AuthnRateLimited(
-            f"{path}: TooManyRequests", path=path, request_id=env.request_id, retry_after=retry_after
-        )
-    if env.status == "Unauthorized":
-        raise errors.AuthnRejectedUs(
-            f"{path}: Unauthorized (check PANGEA_AUTHN_TOKEN)", path=path, request_id=env.request_id
-        )
-    if env.status in ("InternalError", "ServiceNotAvailable"):
-        raise errors.AuthnUnavailable(f"{path}: {env.status}", path=path, request_id=env.request_id)
-    if env.status == "Success" and code != 200:
-        raise errors.AuthnProtocolError(f"{path}: Success under HTTP {code}", path=path, request_id=env.request_id)
+    if outcome is wire.Outcome.PROTOCOL:
+        if env is not None:
+            known = env.status == "Success"
+            problem = f"{path}: {said} under HTTP {code}" + (", not 200" if known else ", not an answer we know")
+        raise errors.AuthnProtocolError(problem, path=path, request_id=request_id)
+    assert env is not None  # every other outcome comes from an envelope
     return env
 
 

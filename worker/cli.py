@@ -56,10 +56,11 @@ def emulator(host: str, port: int) -> None:
     Tokens from EMULATOR_SERVICE_TOKEN / EMULATOR_CLIENT_TOKEN (default: the development tokens
     pts_sessionsyncemulatorservicetoken2 / pcl_sessionsyncemulatorclienttoken22). The rules Pangea
     does not document: EMULATOR_ROTATION (session-id, new-refresh-id, distinct-session-id) and
-    EMULATOR_ACTIVE_TOKENS (opaque, jwt).
+    EMULATOR_ACTIVE_TOKENS (opaque, jwt). EMULATOR_HTTP_CODES (e.g. ``InvalidToken=401,ExpiredToken=401``)
+    chooses the HTTP codes of its answers.
     """
     from worker import emulator as emu
-    from worker.emulator import store
+    from worker.emulator import faults, store
 
     service = os.environ.get("EMULATOR_SERVICE_TOKEN") or emu.DEFAULT_SERVICE_TOKEN
     client = os.environ.get("EMULATOR_CLIENT_TOKEN") or emu.DEFAULT_CLIENT_TOKEN
@@ -72,8 +73,12 @@ def emulator(host: str, port: int) -> None:
             f"EMULATOR_ROTATION must be one of {', '.join(store.ROTATIONS)}; "
             f"EMULATOR_ACTIVE_TOKENS one of {', '.join(store.ACTIVE_TOKENS)}"
         )
+    try:
+        codes = faults.http_codes_from_text(os.environ.get("EMULATOR_HTTP_CODES", ""), "EMULATOR_HTTP_CODES")
+    except faults.BadFaults as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"AuthN emulator on http://{host}:{port} (PANGEA_BASE_URL=http://{host}:{port})", err=True)
-    emu.serve(host=host, port=port, service_token=service, client_token=client, **rules)
+    emu.serve(host=host, port=port, service_token=service, client_token=client, http_codes=codes, **rules)
 
 
 def _print_json(data: object) -> None:

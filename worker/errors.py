@@ -11,7 +11,7 @@
           AuthnOutcomeUnknown  the request may have been performed but its answer was lost
         AuthnRateLimited     429 / TooManyRequests; .retry_after
         AuthnRejectedUs      Unauthorized: our own token is wrong
-        AuthnProtocolError   the body or envelope is not Pangea's
+        AuthnProtocolError   not Pangea's answer: the body, the envelope, an unknown status, Success not under 200
         AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
       InvalidUserinfo        from sessions.record_login: the payload is not Pangea's userinfo
       LoginConflict          from sessions.record_login: its tokens belong to an ended or other session
@@ -101,7 +101,11 @@ class AuthnRejectedUs(AuthnError):
 
 
 class AuthnProtocolError(AuthnError):
-    """Raised when the response is not Pangea's envelope (not JSON, wrong types, unknown status)."""
+    """Raised when the response is not plainly Pangea's answer.
+
+    Not JSON, not labelled JSON, too large, wrong types, a status we do not know, or Success under
+    an HTTP code other than 200. Never a verdict; retried later like any other missing answer.
+    """
 
 
 class AuthnRequestRejected(AuthnError):

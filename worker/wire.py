@@ -31,8 +31,66 @@ class Verdict(enum.StrEnum):
     INVALID = "invalid"  #: InvalidToken
 
 
-#: Envelope statuses that are answers about a user token, not failures.
-VERDICT_STATUSES = {"Success": Verdict.VALID, "ExpiredToken": Verdict.EXPIRED, "InvalidToken": Verdict.INVALID}
+class Outcome(enum.StrEnum):
+    """What one answer from Pangea means, before any endpoint looks at its ``result``."""
+
+    VALID = "valid"  #: Success (under HTTP 200 only): a verdict
+    EXPIRED = "expired"  #: ExpiredToken: a verdict about the token we sent
+    INVALID = "invalid"  #: InvalidToken: a verdict about the token we sent
+    REFUSED = "refused"  #: Pangea refused the request itself (ValidationError, NotFound): never a verdict
+    REJECTED_US = "rejected_us"  #: Unauthorized: our own PANGEA_AUTHN_TOKEN; the only answer that stops a sweep
+    RATE_LIMITED = "rate_limited"  #: TooManyRequests, or a bare HTTP 429: a throttle
+    UNAVAILABLE = "unavailable"  #: a server error: no answer, retried
+    PROTOCOL = "protocol"  #: not Pangea's answer, or a status we do not know: no answer, retried
+
+
+#: The one table of Pangea's statuses. The official SDKs branch on ``status`` alone, and the HTTP
+#: codes of InvalidToken / ExpiredToken are documented nowhere (400? 401 "to mirror Unauthorized"?),
+#: so the envelope decides whatever the HTTP code: see :func:`outcome_of` for the three exceptions.
+#: A status missing here is no answer (PROTOCOL), never a verdict. Keep in step with the README's
+#: "How the sync decides".
+STATUS_OUTCOMES: Mapping[str, Outcome] = {
+    "Success": Outcome.VALID,
+    "ExpiredToken": Outcome.EXPIRED,
+    "InvalidToken": Outcome.INVALID,
+    "ValidationError": Outcome.REFUSED,
+    "NotFound": Outcome.REFUSED,
+    "Unauthorized": Outcome.REJECTED_US,
+    "TooManyRequests": Outcome.RATE_LIMITED,
+    "InternalError": Outcome.UNAVAILABLE,
+    "ServiceNotAvailable": Outcome.UNAVAILABLE,
+    "NoCredit": Outcome.UNAVAILABLE,
+    "ServiceNotEnabled": Outcome.UNAVAILABLE,
+}
+
+#: The verdict each verdict outcome stands for.
+VERDICTS: Mapping[Outcome, Verdict] = {
+    Outcome.VALID: Verdict.VALID,
+    Outcome.EXPIRED: Verdict.EXPIRED,
+    Outcome.INVALID: Verdict.INVALID,
+}
+
+
+def outcome_of(http: int, status: str | None) -> Outcome:
+    """What an answer means, from its HTTP code and its envelope's ``status`` (None: no envelope).
+
+    The envelope decides (:data:`STATUS_OUTCOMES`), with three exceptions:
+
+    - HTTP 5xx is a server error whatever its body says: a verdict needs a server that worked
+      (design invariant 1: a 5xx never revokes);
+    - ``Success`` counts only under HTTP 200 (as the Go SDK requires); under any other code the
+      answer is not plainly Pangea's (PROTOCOL: retried, never a verdict);
+    - without an envelope (a proxy's page, a body that is not Pangea's) only the HTTP code can
+      speak: 429 is a throttle, anything else is no answer.
+    """
+    if http >= 500:
+        return Outcome.UNAVAILABLE
+    if status is None:
+        return Outcome.RATE_LIMITED if http == 429 else Outcome.PROTOCOL
+    outcome = STATUS_OUTCOMES.get(status, Outcome.PROTOCOL)
+    if outcome is Outcome.VALID and http != 200:
+        return Outcome.PROTOCOL
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)

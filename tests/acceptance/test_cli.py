@@ -25,9 +25,15 @@ CLIENT = "pcl_" + "c" * 32
 
 
 def test_sdk_session_lifecycle_against_session_sync_emulator(tmp_path: Path) -> None:
-    # Given `session-sync emulator` started as an operator would, with tokens of their own
+    # Given `session-sync emulator` started as an operator would, with tokens of their own, answering
+    # token verdicts with HTTP 401 as a Pangea that mirrors Unauthorized might
     port = free_port()
-    env = {**os.environ, "EMULATOR_SERVICE_TOKEN": SERVICE, "EMULATOR_CLIENT_TOKEN": CLIENT}
+    env = {
+        **os.environ,
+        "EMULATOR_SERVICE_TOKEN": SERVICE,
+        "EMULATOR_CLIENT_TOKEN": CLIENT,
+        "EMULATOR_HTTP_CODES": "InvalidToken=401,ExpiredToken=401",
+    }
     proc = subprocess.Popen(
         [str(harness.BIN / "session-sync"), "emulator", "--port", str(port)],
         env=env,
@@ -56,6 +62,7 @@ def test_sdk_session_lifecycle_against_session_sync_emulator(tmp_path: Path) -> 
         # Then each step answers as Pangea does
         assert reused.value.response.status == "InvalidToken"
         assert after.value.response.status == "InvalidToken"
+        assert after.value.response.http_status == 401
         # ... and a token it was not given is refused
         with pytest.raises(pe.UnauthorizedException):
             AuthN(emulator.DEFAULT_SERVICE_TOKEN, config=PangeaConfig(base_url_template=base)).session.list()
@@ -116,6 +123,12 @@ def test_bad_arguments_get_a_clear_error_and_change_nothing(tmp_path: Path, args
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "app.db").read_bytes() == before
+
+
+def test_a_bad_emulator_setting_is_one_line_naming_it(tmp_path: Path) -> None:
+    result = harness.run_cli({"EMULATOR_HTTP_CODES": "InvalidToken=teapot"}, tmp_path, "emulator", "--port", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "EMULATOR_HTTP_CODES: expected Status=code pairs" in result.stderr
 
 
 def test_missing_setting_is_one_line_naming_it(tmp_path: Path) -> None:

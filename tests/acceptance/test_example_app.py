@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.acceptance.harness import ROOT, wait_for
-from tests.conftest import RunningEmulator, free_port
+from tests.conftest import RunningEmulator, free_port, verdict_codes
 from tests.helpers import KEY, active_token, row
 from worker import models, runtime, wire
 
@@ -67,6 +67,7 @@ def session_id_of(rt: runtime.Runtime, email: str) -> int:
         return int(db.scalars(sa.select(models.LocalSession.id).where(models.LocalSession.email == email)).one())
 
 
+@verdict_codes
 def test_example_app_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime()  # the worker's side, on the same database and keys
     browser = httpx.Client(base_url=app_url)

@@ -173,7 +173,7 @@ def test_empty_faults_clear_them(emu: RunningEmulator) -> None:
 
     assert check(emu).status_code == 400
     assert httpx.get(f"{emu.base_url}/emulator/faults").json() == {
-        "latency_ms": 0, "error_rate": 0.0, "error": None, "retry_after": 1.0, "paths": [],
+        "latency_ms": 0, "error_rate": 0.0, "error": None, "retry_after": 1.0, "paths": [], "http_codes": {},
     }  # fmt: skip
 
 
@@ -215,6 +215,10 @@ def test_the_admin_surface_is_never_faulted(emu: RunningEmulator) -> None:
         {"paths": "/v2/client/token/check"},
         {"paths": ["/emulator/stats"]},
         {"surprise": 1},
+        {"http_codes": {"InvalidToken": 99}},
+        {"http_codes": {"InvalidToken": "401"}},
+        {"http_codes": {"Teapot": 418}},
+        {"http_codes": [401]},
         [],
     ],
 )
@@ -340,3 +344,64 @@ def test_stats_count_spent_refresh_tokens_presented_again(emu: RunningEmulator) 
     assert ok.status_code == 200
     emu.admin.reset()
     assert emu.admin.stats()["refresh_reused"] == 0
+
+
+# --- the HTTP codes of answers ----------------------------------------------------------------
+
+
+def test_http_codes_choose_the_code_of_each_status_and_clearing_restores_them(emu: RunningEmulator) -> None:
+    # Given a Pangea that answers token verdicts and Unauthorized with other codes than ours
+    creds = log_in(emu)
+    emu.admin.faults(http_codes={"InvalidToken": 401, "ExpiredToken": 404, "Unauthorized": 403, "Success": 201})
+
+    # When it answers an unknown token, a wrong bearer token and a live token
+    invalid = check(emu)
+    refused = http_post(emu.base_url, CHECK, "pts_" + "z" * 32, UNKNOWN)
+    valid = http_post(emu.base_url, CHECK, emu.service_token, {"token": creds["active_token"]["token"]})
+
+    # Then each keeps its envelope and status, under the chosen code, and the stats count that code
+    assert (invalid.status_code, invalid.json()["status"]) == (401, "InvalidToken")
+    assert (refused.status_code, refused.json()["status"]) == (403, "Unauthorized")
+    assert (valid.status_code, valid.json()["status"]) == (201, "Success")
+    assert_envelope(invalid, "InvalidToken")
+    assert emu.admin.stats()["requests"][CHECK] == {"401": 1, "403": 1, "201": 1}
+
+    # When the faults are cleared, the usual codes are back
+    emu.admin.clear_faults()
+    assert check(emu).status_code == 400
+
+
+def test_a_throttle_under_another_code_still_says_when_to_come_back(emu: RunningEmulator) -> None:
+    emu.admin.faults(error="TooManyRequests", retry_after=7, http_codes={"TooManyRequests": 400})
+    answer = check(emu)
+    assert (answer.status_code, answer.json()["status"], answer.headers["retry-after"]) == (400, "TooManyRequests", "7")
+
+
+def test_the_setting_sets_the_codes_and_faults_go_over_it(emulator_server_401: RunningEmulator) -> None:
+    # Given the emulator created with http_codes={"InvalidToken": 401, "ExpiredToken": 401}
+    emu = emulator_server_401
+    emu.admin.reset()
+    assert check(emu).status_code == 401
+    # When a fault names another code, it wins; cleared, the setting is back
+    emu.admin.faults(http_codes={"InvalidToken": 403})
+    assert check(emu).status_code == 403
+    emu.admin.reset()
+    assert check(emu).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("text", "codes"),
+    [
+        ("", {}),
+        ("InvalidToken=401,ExpiredToken=401", {"InvalidToken": 401, "ExpiredToken": 401}),
+        (" Unauthorized = 403 ,", {"Unauthorized": 403}),
+    ],
+)
+def test_http_codes_from_the_environment(text: str, codes: dict[str, int]) -> None:
+    assert faults.http_codes_from_text(text, "EMULATOR_HTTP_CODES") == codes
+
+
+@pytest.mark.parametrize("text", ["InvalidToken", "InvalidToken=abc", "Teapot=418", "InvalidToken=700"])
+def test_bad_http_codes_in_the_environment_name_the_variable(text: str) -> None:
+    with pytest.raises(faults.BadFaults, match="EMULATOR_HTTP_CODES"):
+        faults.http_codes_from_text(text, "EMULATOR_HTTP_CODES")

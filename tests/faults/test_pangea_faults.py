@@ -79,13 +79,26 @@ def _fault_run(pg_url: str, emu: RunningEmulator, faults: dict[str, Any], *, sce
     try:
         world = World(rt, emu, tag=tag)
         return _through_the_fault(
-            rt, world, on=lambda: emu.admin.faults(**faults), off=emu.admin.clear_faults, scenario=scenario
+            rt,
+            world,
+            on=lambda: emu.admin.faults(**faults),
+            off=emu.admin.clear_faults,
+            scenario=scenario,
+            verdict_code=emu.verdict_code,
         )
     finally:
         rt.close()
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+#: Scenarios run again against a Pangea answering token verdicts with HTTP 401: the same figures.
+UNDER_401 = ("5xx_50pct", "dropped_refresh")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "emu"),
+    [(name, 400) for name in SCENARIOS] + [pytest.param(name, 401, id=f"{name}-verdicts401") for name in UNDER_401],
+    indirect=["emu"],
+)
 def test_pangea_fault(scenario: str, pg_url: str, emu: RunningEmulator, report: Any) -> None:
     figures = _fault_run(pg_url, emu, SCENARIOS[scenario], scenario=scenario, tag=scenario)
     report(figures.line())

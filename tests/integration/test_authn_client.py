@@ -146,6 +146,78 @@ async def test_validation_error_is_a_rejected_request(client: authn.AuthnClient)
     assert caught.value.status == "ValidationError"
 
 
+# --- the envelope decides, not the HTTP code -------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404])
+async def test_token_verdicts_are_verdicts_under_any_4xx_code(
+    client: authn.AuthnClient, emu: RunningEmulator, code: int
+) -> None:
+    # Given a Pangea answering verdicts with HTTP `code`, a refreshed session and one about to lapse
+    emu.admin.faults(http_codes={"InvalidToken": code, "ExpiredToken": code})
+    creds = await login(client, emu, "coded@example.com")
+    lapsing = await login(client, emu, "lapsing@example.com", active_ttl=1)
+    assert creds.refresh_token.token and lapsing.active_token.token
+    fresh = await client.refresh(creds.refresh_token.token)
+    assert fresh.creds is not None and fresh.creds.active_token.token
+
+    # When tokens are checked, refreshed and logged out
+    spent = await client.refresh(creds.refresh_token.token)
+    ended = await client.client_logout(fresh.creds.active_token.token)
+    again = await client.client_logout(fresh.creds.active_token.token)
+    unknown = await client.check_token("ptu_" + "a" * 32)
+    await asyncio.sleep(1.1)
+    lapsed = await client.check_token(lapsing.active_token.token)
+
+    # Then each is Pangea's verdict, read from the envelope
+    assert (spent.verdict, ended.verdict, again.verdict) == (
+        wire.Verdict.INVALID,
+        wire.Verdict.VALID,
+        wire.Verdict.INVALID,
+    )
+    assert (unknown.verdict, lapsed.verdict) == (wire.Verdict.INVALID, wire.Verdict.EXPIRED)
+    assert emu.admin.stats()["requests"]["/v2/client/token/check"] == {str(code): 2}
+
+
+@pytest.mark.parametrize("code", [400, 401, 403])
+async def test_unauthorized_is_our_token_under_any_code(emu: RunningEmulator, code: int) -> None:
+    emu.admin.faults(http_codes={"Unauthorized": code})
+    async with client_for(emu, token="pts_" + "z" * 32) as wrong:
+        with pytest.raises(errors.AuthnRejectedUs, match="Unauthorized"):
+            await wrong.check_token("ptu_" + "a" * 32)
+    assert requests_to(emu, "/v2/client/token/check") == 1  # never retried
+
+
+async def test_success_under_another_code_is_no_answer(client: authn.AuthnClient, emu: RunningEmulator) -> None:
+    # Given a live session, and something answering Pangea's Success with HTTP 201 (the Go SDK refuses it)
+    creds = await login(client, emu, "twohundredone@example.com")
+    emu.admin.faults(http_codes={"Success": 201})
+
+    # When its token is checked, then the answer is a protocol error, never a verdict
+    with pytest.raises(errors.AuthnProtocolError, match="Success under HTTP 201, not 200"):
+        await client.check_token(creds.active_token.token or "")
+
+    # ... and once Pangea answers 200 again, the same call gets the verdict
+    emu.admin.clear_faults()
+    assert (await client.check_token(creds.active_token.token or "")).verdict is wire.Verdict.VALID
+
+
+async def test_a_throttle_is_a_throttle_under_any_code(emu: RunningEmulator) -> None:
+    emu.admin.faults(error="TooManyRequests", retry_after=120, http_codes={"TooManyRequests": 400})
+    async with client_for(emu) as c:
+        with pytest.raises(errors.AuthnRateLimited) as caught:
+            await c.check_token("ptu_" + "a" * 32)
+    assert caught.value.retry_after == 120
+
+
+async def test_a_verdict_under_a_server_error_is_no_verdict(emu: RunningEmulator) -> None:
+    emu.admin.faults(http_codes={"InvalidToken": 503})
+    async with client_for(emu, retries=1) as c:
+        with pytest.raises(errors.AuthnUnavailable, match="HTTP 503"):
+            await c.check_token("ptu_" + "a" * 32)
+    assert requests_to(emu, "/v2/client/token/check") == 2  # retried, as any server error
+
+
 # --- failures to get an answer -------------------------------------------------------------------
 
 

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import RunningEmulator
+from tests.conftest import RunningEmulator, verdict_codes
 from tests.helpers import active_token, login, requests, row
 from worker import audit, engine, models, queries, sessions, wire
 
 pytestmark = pytest.mark.timeout(120)
 
 
+@verdict_codes
 @pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
 def test_resync_revokes_the_dead_refreshes_the_expiring_and_leaves_the_healthy(
     make_runtime: Any, emu: RunningEmulator, revalidation: str
@@ -93,9 +94,38 @@ def test_no_answer_never_revokes(make_runtime: Any, emu: RunningEmulator) -> Non
     assert row(rt, ids[1]).failures == 0
 
 
+@pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
+def test_success_under_another_code_is_no_verdict_and_retried(
+    make_runtime: Any, emu: RunningEmulator, revalidation: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION=revalidation)
+    ids = [login(rt, emu, f"u{i}@example.com") for i in range(3)]
+    rt.run(rt.client.session_invalidate(row(rt, ids[0]).pangea_session_id or ""))
+    # Given something between us and Pangea that answers Success with HTTP 201
+    emu.admin.faults(http_codes={"Success": 201})
+    # When a resync runs, then no answer counts: nothing revoked or kept as checked, all retried later
+    counts = rt.run(rt.engine.resync())
+    # (per token, the dead session's InvalidToken is still a verdict: it never was a Success)
+    bulk = revalidation == "bulk"
+    assert (counts.revoked, counts.kept, counts.failed, counts.stopped) == (
+        0 if bulk else 1,
+        0,
+        3 if bulk else 2,
+        False,
+    )
+    assert all(row(rt, i).state is models.SessionState.ACTIVE and row(rt, i).failures == 1 for i in ids[1:])
+    # When Pangea answers 200 again, the next resync gets every verdict
+    emu.admin.clear_faults()
+    counts = rt.run(rt.engine.resync())
+    assert (counts.revoked, counts.kept, counts.failed) == (1 if bulk else 0, 2, 0)
+    assert row(rt, ids[0]).state is models.SessionState.REVOKED
+
+
+@verdict_codes
 def test_wrong_service_token_stops_and_changes_nothing(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime()
     ids = [login(rt, emu, f"u{i}@example.com") for i in range(3)]
+    rt.run(rt.client.session_invalidate(row(rt, ids[0]).pangea_session_id or ""))  # an InvalidToken due too
     before = [(row(rt, i).version, row(rt, i).next_check_at) for i in ids]
     wrong = make_runtime(PANGEA_AUTHN_TOKEN="pts_" + "x" * 32)
     with pytest.raises(engine.OurTokenRejected):

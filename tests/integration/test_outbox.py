@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from tests.conftest import RunningEmulator
+from tests.conftest import RunningEmulator, verdict_codes
 from tests.helpers import KEY, active_token, login, requests, row
 from worker import cli_outbox, errors, models, operations, outbox, runtime, sessions, wire
 from worker import outbox_queries as oq
@@ -169,6 +169,7 @@ def test_delivery_logs_out_at_pangea_and_erases_every_token(make_runtime: Any, e
     assert report["events"][0]["request_id"].startswith("prq_")
 
 
+@verdict_codes
 def test_a_session_already_logged_out_at_pangea_counts_as_delivered(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime()
     sid = login(rt, emu, "dan@example.com")
@@ -181,9 +182,10 @@ def test_a_session_already_logged_out_at_pangea_counts_as_delivered(make_runtime
     assert (counts.delivered, counts.already, counts.retried) == (1, 1, 0)
     ev = event(rt, eid)
     assert (ev.state, ev.token_enc) == (models.OutboxState.DELIVERED, None)
-    assert emu.admin.stats()["requests"][CLIENT_LOGOUT] == {"400": 1}
+    assert emu.admin.stats()["requests"][CLIENT_LOGOUT] == {str(emu.verdict_code): 1}
 
 
+@verdict_codes
 def test_a_lapsed_active_token_does_not_leave_its_session_alive_at_pangea(
     make_runtime: Any, emu: RunningEmulator
 ) -> None:
@@ -246,6 +248,7 @@ def test_transient_failures_back_off_and_honor_retry_after(make_runtime: Any, em
     assert verdict(rt, active_token(rt, sid)) is wire.Verdict.INVALID
 
 
+@verdict_codes
 def test_our_wrong_token_pauses_delivery_without_burning_attempts(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime()
     ids = [login(rt, emu, f"f{i}@example.com") for i in range(3)]

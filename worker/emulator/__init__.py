@@ -13,6 +13,7 @@ Modules: ``store`` (state and session rules), ``listing`` (session list filters 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from worker.emulator.admin import EmulatorAdmin, EmulatorAdminError
@@ -40,6 +41,7 @@ def serve(
     port: int = 8900,
     service_token: str = DEFAULT_SERVICE_TOKEN,
     client_token: str = DEFAULT_CLIENT_TOKEN,
+    http_codes: Mapping[str, int] | None = None,
     **rules: str,
 ) -> None:
     """Run the emulator under uvicorn until interrupted (blocking); ``rules``: see :func:`create_app`.
@@ -49,5 +51,5 @@ def serve(
     """
     import uvicorn  # only the server needs it
 
-    app = create_app(service_token=service_token, client_token=client_token, **rules)
+    app = create_app(service_token=service_token, client_token=client_token, http_codes=http_codes, **rules)
     uvicorn.run(app, host=host, port=port, access_log=False, timeout_graceful_shutdown=5)

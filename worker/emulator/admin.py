@@ -41,7 +41,7 @@ class EmulatorAdmin:
         return dict(self._call("POST", "/emulator/seed", body))
 
     def faults(self, **faults: Any) -> None:
-        """Set faults: ``latency_ms``, ``error_rate``, ``error``, ``retry_after``, ``paths`` (none: clear)."""
+        """Set faults (``worker.emulator.faults``): latency, error and its rate, paths, http_codes; none: clear."""
         self._call("POST", "/emulator/faults", faults)
 
     def clear_faults(self) -> None:

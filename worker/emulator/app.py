@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -54,11 +54,15 @@ class Emulator:
         *,
         service_token: str,
         client_token: str,
+        http_codes: Mapping[str, int] | None = None,
         rotation: str = store.ROTATIONS[0],
         active_tokens: str = store.ACTIVE_TOKENS[0],
     ) -> None:
         if not service_token or not client_token or service_token == client_token:
             raise ValueError("the service and client tokens must be two different non-empty strings")
+        #: HTTP code by status, over wire.ERRORS (the setting; the ``http_codes`` fault goes over it).
+        self._http_codes = faults.parse_http_codes(dict(http_codes or {}), "http_codes")
+        self._codes = dict(self._http_codes)
         key = jwt.SigningKey.generate()
         self._defaults = {"rotation": rotation, "active_tokens": active_tokens}
         self.ctx = handlers.Context(
@@ -130,6 +134,9 @@ class Emulator:
             answer = wire.failure(fault)
         else:
             answer = self._answer(scope, path, raw, time.time())
+        code = self._codes.get(answer.status)
+        if code is not None:
+            answer = answer._replace(http=code)
         self._count(path, answer.http)
         if fault == "Dropped":
             body = wire.envelope(rid, request_time, answer, time.time())
@@ -170,7 +177,7 @@ class Emulator:
     ) -> None:
         body = wire.envelope(rid, request_time, answer, time.time())
         headers = [(b"content-type", content_type) if content_type else _JSON, (b"x-request-id", rid.encode())]
-        if answer.http == 429:
+        if answer.status == "TooManyRequests":
             headers.append((b"retry-after", str(math.ceil(self.faults.retry_after)).encode()))
         await _send(send, answer.http, body, headers)
 
@@ -229,6 +236,7 @@ class Emulator:
             self.faults = faults.parse(_json(raw), handlers.ROUTES)
         except ValueError as exc:
             return 400, {"error": str(exc)}
+        self._codes = self._http_codes | dict(self.faults.http_codes)
         return 200, self.faults.to_json()
 
     def _config(self) -> dict[str, str]:
@@ -250,6 +258,7 @@ class Emulator:
         self.ctx.store.reset()
         self.stats = {}
         self.faults = faults.Faults()
+        self._codes = dict(self._http_codes)
         self._release.set()
         self._release = asyncio.Event()
         return 200, {}
@@ -259,17 +268,24 @@ def create_app(
     *,
     service_token: str,
     client_token: str,
+    http_codes: Mapping[str, int] | None = None,
     rotation: str = store.ROTATIONS[0],
     active_tokens: str = store.ACTIVE_TOKENS[0],
 ) -> Emulator:
     """A fresh emulator (its own in-memory state) accepting these two bearer tokens.
 
+    ``http_codes`` chooses the HTTP code of answers by status, e.g. ``{"InvalidToken": 401,
+    "ExpiredToken": 401}`` for a Pangea that mirrors Unauthorized (default: ``wire.ERRORS``, 400).
     ``rotation`` (:data:`store.ROTATIONS`) and ``active_tokens`` (``opaque`` or ``jwt``) choose how
     it plays the rules Pangea does not document; ``POST /emulator/config`` changes them while it runs,
     and ``POST /emulator/reset`` puts these back.
     """
     return Emulator(
-        service_token=service_token, client_token=client_token, rotation=rotation, active_tokens=active_tokens
+        service_token=service_token,
+        client_token=client_token,
+        http_codes=http_codes,
+        rotation=rotation,
+        active_tokens=active_tokens,
     )
 
 

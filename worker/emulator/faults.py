@@ -19,13 +19,18 @@ happens instead of (or, for ``Dropped``, after) the real answer:
 
 ``error`` alone means ``error_rate`` 1; ``error_rate`` alone means ``InternalError``. ``paths``
 limits faults to those API paths. Faults never touch ``/emulator/*``.
+
+``http_codes`` (``{"InvalidToken": 401, ...}``) changes the HTTP code that answers with a status
+come with, on every path, over the emulator's own setting (``create_app(http_codes=...)``,
+``EMULATOR_HTTP_CODES``): Pangea documents no code for InvalidToken or ExpiredToken, so a client
+must give the same result under any plausible one. Clearing the faults restores the setting.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 #: The fault kinds ``error`` may name.
@@ -45,7 +50,18 @@ HUGE_BYTES = 32 << 20
 HOLD_SECONDS = 60.0
 #: Retry-After sent with ``TooManyRequests`` when the fault names none, in seconds.
 DEFAULT_RETRY_AFTER = 1.0
-_KEYS = frozenset({"latency_ms", "error_rate", "error", "retry_after", "paths"})
+#: Statuses whose HTTP code ``http_codes`` may choose (every status the emulator answers with).
+CODED_STATUSES = (
+    "Success",
+    "ValidationError",
+    "InvalidToken",
+    "ExpiredToken",
+    "Unauthorized",
+    "NotFound",
+    "TooManyRequests",
+    "InternalError",
+)
+_KEYS = frozenset({"latency_ms", "error_rate", "error", "retry_after", "paths", "http_codes"})
 
 
 class BadFaults(ValueError):
@@ -61,6 +77,8 @@ class Faults:
     error: str | None = None
     retry_after: float = DEFAULT_RETRY_AFTER
     paths: frozenset[str] = frozenset()
+    #: HTTP code by envelope status, over the emulator's setting (every path, whatever ``paths`` says).
+    http_codes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -85,6 +103,7 @@ class Faults:
             "error": self.error,
             "retry_after": self.retry_after,
             "paths": sorted(self.paths),
+            "http_codes": dict(self.http_codes),
         }
 
 
@@ -121,7 +140,31 @@ def parse(body: Any, api_paths: Collection[str]) -> Faults:
         error=error,
         retry_after=float(retry_after),
         paths=frozenset(paths),
+        http_codes=parse_http_codes(body.get("http_codes", {}), "http_codes"),
     )
+
+
+def parse_http_codes(value: Any, name: str) -> dict[str, int]:
+    """HTTP codes by status from ``{"InvalidToken": 401, ...}``; BadFaults (naming ``name``) if wrong."""
+    if not isinstance(value, dict):
+        raise BadFaults(f"{name} must be an object of status: HTTP code")
+    for status, code in value.items():
+        if status not in CODED_STATUSES:
+            raise BadFaults(f"{name}: {status!r} is not one of {', '.join(CODED_STATUSES)}")
+        if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
+            raise BadFaults(f"{name}: the code for {status} must be an integer from 200 to 599")
+    return dict(value)
+
+
+def http_codes_from_text(text: str, name: str) -> dict[str, int]:
+    """HTTP codes by status from ``InvalidToken=401,ExpiredToken=401`` (an environment variable's form)."""
+    pairs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        status, sep, code = item.partition("=")
+        if not sep or not code.strip().isdigit():
+            raise BadFaults(f"{name}: expected Status=code pairs separated by commas, e.g. InvalidToken=401")
+        pairs[status.strip()] = int(code)
+    return parse_http_codes(pairs, name)
 
 
 def _is_number(value: Any) -> bool:

@@ -5,6 +5,7 @@ Which answer for which unknown, where Pangea publishes none (see ``pangea-authn.
 - Unknown, spent or ended tokens, codes and session ids: ``InvalidToken`` (HTTP 400, "The token
   does not exist"); expired ones: ``ExpiredToken`` (HTTP 400, "The token is no longer valid"). The
   guide confirms both bodies for ``/v2/client/token/check``; the same rule is used everywhere.
+  Their HTTP code is nowhere documented: ``http_codes`` (``worker.emulator.faults``) changes it.
 - A session id of another user on ``/v2/client/session/invalidate``: ``InvalidToken`` (its
   existence is not revealed).
 - ``/v2/session/logout`` for a user with no live session: Success (idempotent; Pangea's own

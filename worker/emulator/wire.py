@@ -21,7 +21,8 @@ from worker.emulator import store
 #: The six keys of every Pangea response, no more, no fewer.
 ENVELOPE_KEYS = ("request_id", "request_time", "response_time", "status", "summary", "result")
 
-#: HTTP code and summary of each non-Success status the emulator answers with.
+#: HTTP code and summary of each non-Success status the emulator answers with. The codes are defaults:
+#: ``create_app(http_codes=...)`` and the ``http_codes`` fault choose others (Pangea documents few).
 ERRORS: dict[str, tuple[int, str]] = {
     "ValidationError": (400, "Request failed validation"),
     "InvalidToken": (400, "The token does not exist"),
