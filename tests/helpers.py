@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import RunningEmulator
-from worker import crypto, models, runtime, sessions
+from worker import crypto, models, runtime, sessions, wire
 from worker.settings import Settings
 
 KEY = crypto.generate_key()
@@ -31,6 +31,29 @@ def login(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -
     creds = rt.run(rt.client.userinfo(code))
     with rt.sessions.begin() as db:
         return sessions.record_login(db, creds.to_userinfo(), cipher=rt.cipher, policy=rt.policy).id
+
+
+def login_many(rt: runtime.Runtime, emu: RunningEmulator, emails: list[str], **ttl: float) -> list[int]:
+    """Many users log in at once (twenty at a time); the app records their sessions in one transaction."""
+    import asyncio
+
+    import httpx
+
+    async def everyone() -> list[wire.SessionCreds]:
+        gate = asyncio.Semaphore(20)
+        async with httpx.AsyncClient(base_url=emu.base_url, timeout=10) as admin:
+
+            async def one(email: str) -> wire.SessionCreds:
+                async with gate:
+                    answer = await admin.post("/emulator/login", json={"email": email, **ttl})
+                    answer.raise_for_status()
+                    return await rt.client.userinfo(answer.json()["code"])
+
+            return await asyncio.gather(*(one(e) for e in emails))
+
+    logins = rt.run(everyone())
+    with rt.sessions.begin() as db:
+        return [sessions.record_login(db, c.to_userinfo(), cipher=rt.cipher, policy=rt.policy).id for c in logins]
 
 
 def row(rt: runtime.Runtime, session_id: int) -> models.LocalSession:

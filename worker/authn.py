@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,7 @@ import orjson
 import tenacity
 
 import worker
-from worker import errors, metrics, wire
+from worker import errors, list_limits, metrics, wire
 from worker.settings import Settings
 from worker.transport import PooledTransport
 
@@ -59,6 +59,8 @@ class AuthnClient:
         The AuthN service token (``pts_``) or a client token (``pcl_``, ``/v2/client/*`` only).
     transport:
         An httpx transport, for tests that must not open sockets (ours use a real emulator).
+    bulk_chunk:
+        Most ids (and page size) per session-list request; None learns Pangea's limit.
     """
 
     def __init__(
@@ -72,8 +74,11 @@ class AuthnClient:
         transport: httpx.AsyncBaseTransport | None = None,
         backoff: float = DEFAULT_BACKOFF,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        bulk_chunk: int | None = None,
     ) -> None:
         self._retries = retries
+        # What /v2/session/list accepts, learned by this process (worker.list_limits).
+        self._limits = list_limits.Limits.for_endpoint("/v2/session/list", chunk=bulk_chunk)
         self._backoff = backoff
         self._max_retry_after = max_retry_after
         self._timeout = timeout
@@ -101,6 +106,7 @@ class AuthnClient:
             "timeout": settings.http_timeout,
             "retries": settings.http_retries,
             "max_connections": max(settings.concurrency, 10),
+            "bulk_chunk": settings.bulk_chunk,
         }
         options.update(overrides)
         return cls(**options)
@@ -182,20 +188,22 @@ class AuthnClient:
         env = await self._call(path, _list_body(filter, paging))
         return wire.SessionPage.from_wire(self._expect_success(env, path), request_id=env.request_id)
 
-    async def sessions_by_active_token_ids(self, token_ids: list[str]) -> dict[str, wire.SessionItem]:
-        """Live sessions whose current active token id is in ``token_ids``, by that id (all pages)."""
-        found: dict[str, wire.SessionItem] = {}
-        last = ""
-        while True:
-            page = await self.session_list(
-                filter={"active_token_id__in": token_ids}, size=max(len(token_ids), 1), last=last or None
-            )
-            for item in page.sessions:
-                if item.active_token is not None:
-                    found[item.active_token.id] = item
-            if not page.last or not page.sessions:
-                return found
-            last = page.last
+    async def sessions_by_active_token_ids(
+        self, token_ids: Sequence[str], *, pace: Callable[[], Awaitable[None]] | None = None
+    ) -> list_limits.Listed:
+        """Live sessions whose current active token id is in ``token_ids``, by that id (all pages).
+
+        As many requests as Pangea's limits need (worker.list_limits): what it refuses as too large
+        is split, and ids it will not list even alone come back in ``unlisted``. ``pace`` is awaited
+        before each request (the shared rate limit).
+        """
+
+        async def fetch(chunk: list[str], size: int, last: str | None) -> wire.SessionPage:
+            if pace is not None:
+                await pace()
+            return await self.session_list(filter={"active_token_id__in": chunk}, size=size, last=last)
+
+        return await list_limits.list_by_ids(token_ids, fetch=fetch, limits=self._limits)
 
     async def session_logout(self, user_id: str) -> wire.Ended:
         """POST /v2/session/logout (service token): end every session of a user."""
@@ -339,10 +347,17 @@ class AuthnClient:
 
 
 def _refused(env: wire.Envelope, path: str) -> errors.AuthnRequestRejected:
-    """The error for an answer that is Pangea's but not the one the endpoint needs (``status`` names it)."""
-    return errors.AuthnRequestRejected(
-        f"{path}: Pangea answered {env.status}", path=path, request_id=env.request_id, status=env.status
-    )
+    """The error for an answer that is Pangea's but not the one the endpoint needs (``status`` names it).
+
+    A ValidationError, or any answer listing ``result.errors``, speaks of the request's shape.
+    """
+    message = f"{path}: Pangea answered {env.status}"
+    sources = wire.refusal_sources(env.result)
+    if env.status == "ValidationError" or sources is not None:
+        return errors.AuthnRequestInvalid(
+            message, path=path, request_id=env.request_id, status=env.status, sources=sources or ()
+        )
+    return errors.AuthnRequestRejected(message, path=path, request_id=env.request_id, status=env.status)
 
 
 def _classify(
@@ -393,7 +408,8 @@ def _classify(
             known = env.status == "Success"
             problem = f"{path}: {said} under HTTP {code}" + (", not 200" if known else ", not an answer we know")
         raise errors.AuthnProtocolError(problem, path=path, request_id=request_id)
-    assert env is not None  # every other outcome comes from an envelope
+    if env is None:  # REFUSED without an envelope: a proxy refused the request's size
+        raise errors.AuthnRequestInvalid(f"{path}: {said}", path=path, request_id=request_id, status=said)
     return env
 
 

@@ -55,18 +55,20 @@ def emulator(host: str, port: int) -> None:
 
     Tokens from EMULATOR_SERVICE_TOKEN / EMULATOR_CLIENT_TOKEN (default: the development tokens
     pts_sessionsyncemulatorservicetoken2 / pcl_sessionsyncemulatorclienttoken22). The rules Pangea
-    does not document: EMULATOR_ROTATION (session-id, new-refresh-id, distinct-session-id) and
-    EMULATOR_ACTIVE_TOKENS (opaque, jwt). EMULATOR_HTTP_CODES (e.g. ``InvalidToken=401,ExpiredToken=401``)
-    chooses the HTTP codes of its answers.
+    does not document: EMULATOR_ROTATION (session-id, new-refresh-id, distinct-session-id),
+    EMULATOR_ACTIVE_TOKENS (opaque, jwt), EMULATOR_HTTP_CODES (e.g. ``InvalidToken=401,ExpiredToken=401``:
+    the HTTP codes of its answers), and EMULATOR_MAX_LIST_SIZE / EMULATOR_MAX_FILTER_IDS (its session
+    lists refuse larger requests).
     """
     from worker import emulator as emu
     from worker.emulator import faults, store
 
     service = os.environ.get("EMULATOR_SERVICE_TOKEN") or emu.DEFAULT_SERVICE_TOKEN
     client = os.environ.get("EMULATOR_CLIENT_TOKEN") or emu.DEFAULT_CLIENT_TOKEN
+    env = os.environ
     rules = {
-        "rotation": os.environ.get("EMULATOR_ROTATION") or store.ROTATIONS[0],
-        "active_tokens": os.environ.get("EMULATOR_ACTIVE_TOKENS") or store.ACTIVE_TOKENS[0],
+        "rotation": env.get("EMULATOR_ROTATION") or store.ROTATIONS[0],
+        "active_tokens": env.get("EMULATOR_ACTIVE_TOKENS") or store.ACTIVE_TOKENS[0],
     }
     if rules["rotation"] not in store.ROTATIONS or rules["active_tokens"] not in store.ACTIVE_TOKENS:
         raise click.UsageError(
@@ -74,11 +76,22 @@ def emulator(host: str, port: int) -> None:
             f"EMULATOR_ACTIVE_TOKENS one of {', '.join(store.ACTIVE_TOKENS)}"
         )
     try:
-        codes = faults.http_codes_from_text(os.environ.get("EMULATOR_HTTP_CODES", ""), "EMULATOR_HTTP_CODES")
+        codes = faults.http_codes_from_text(env.get("EMULATOR_HTTP_CODES", ""), "EMULATOR_HTTP_CODES")
+        max_size = faults.limit_from_text(env.get("EMULATOR_MAX_LIST_SIZE", ""), "EMULATOR_MAX_LIST_SIZE")
+        max_ids = faults.limit_from_text(env.get("EMULATOR_MAX_FILTER_IDS", ""), "EMULATOR_MAX_FILTER_IDS")
     except faults.BadFaults as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"AuthN emulator on http://{host}:{port} (PANGEA_BASE_URL=http://{host}:{port})", err=True)
-    emu.serve(host=host, port=port, service_token=service, client_token=client, http_codes=codes, **rules)
+    emu.serve(
+        host=host,
+        port=port,
+        service_token=service,
+        client_token=client,
+        http_codes=codes,
+        max_size=max_size,
+        max_filter_ids=max_ids,
+        **rules,
+    )
 
 
 def _print_json(data: object) -> None:

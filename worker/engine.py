@@ -342,18 +342,19 @@ class SyncEngine:
         if self._bulk and (work or learn):
             asked = [*work, *learn]
             try:
-                await self._limiter.acquire()
-                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in asked])
+                listed = await self._client.sessions_by_active_token_ids(
+                    [w.session.active_token_id for w in asked], pace=self._limiter.acquire
+                )
             except errors.AuthnError as exc:
                 logger.warning("Bulk revalidation failed: %s", exc, extra={"action": "bulk_failed"})
                 return {w.session.id: _failed(exc) for w in work}
-            self._learn(asked, found)
+            self._learn(asked, listed.found)
             now = self._clock()
             pending = []
             for w in work:
-                item = found.get(w.session.active_token_id)
+                item = listed.found.get(w.session.active_token_id)
                 if item is None or item.active_token is None:
-                    pending.append(w)  # bulk says missing: confirm per token before revoking
+                    pending.append(w)  # missing, or Pangea would not list it: confirm per token before revoking
                 elif item.active_token.expire <= now:
                     pending.append(w)
                 else:
@@ -457,15 +458,23 @@ class SyncEngine:
 
     async def _settle(self, unsure: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
         """Whether each session still carries our active token at Pangea (see decisions.after_settling)."""
+        settled: dict[int, tuple[decisions.Settled | None, Answer]] = {}
         if self._bulk:
             try:
-                await self._limiter.acquire()
-                found = await self._client.sessions_by_active_token_ids([w.session.active_token_id for w in unsure])
+                listed = await self._client.sessions_by_active_token_ids(
+                    [w.session.active_token_id for w in unsure], pace=self._limiter.acquire
+                )
             except errors.AuthnError as exc:
                 return {w.session.id: (None, _failed(exc)) for w in unsure}
-            return {w.session.id: _settled(found.get(w.session.active_token_id)) for w in unsure}
+            unlisted = set(listed.unlisted)
+            for w in unsure:
+                if w.session.active_token_id not in unlisted:
+                    settled[w.session.id] = _settled(listed.found.get(w.session.active_token_id))
+            # What Pangea would not list even alone is asked one by one, with the user's own token.
+            unsure = [w for w in unsure if w.session.active_token_id in unlisted]
         answers = await asyncio.gather(*(self._guarded_settle(w) for w in unsure))
-        return dict(zip((w.session.id for w in unsure), answers, strict=True))
+        settled.update(zip((w.session.id for w in unsure), answers, strict=True))
+        return settled
 
     async def _end_orphans(self, spent: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
         """End at Pangea the sessions that a refresh whose answer we lost left with tokens nobody holds.

@@ -13,6 +13,7 @@
         AuthnRejectedUs      Unauthorized: our own token is wrong
         AuthnProtocolError   not Pangea's answer: the body, the envelope, an unknown status, Success not under 200
         AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
+          AuthnRequestInvalid  ... for its shape (ValidationError, result.errors, HTTP 413): .sources
       InvalidUserinfo        from sessions.record_login: the payload is not Pangea's userinfo
       LoginConflict          from sessions.record_login: its tokens belong to an ended or other session
       SessionInvalid         from sessions.authenticate; .www_authenticate
@@ -121,6 +122,28 @@ class AuthnRequestRejected(AuthnError):
     ) -> None:
         super().__init__(message, path=path, request_id=request_id)
         self.status = status
+
+
+class AuthnRequestInvalid(AuthnRequestRejected):
+    """Raised when Pangea (or a proxy before it) refused the request's shape.
+
+    ``ValidationError``, any answer carrying ``result.errors``, or HTTP 413/414/431 with no envelope.
+    ``sources`` holds the JSON pointers into the request that Pangea blamed (``/size``,
+    ``/filter/active_token_id__in``), if it said. A list request refused this way is split
+    (worker.list_limits), never a failure of the batch.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        path: str = "",
+        request_id: str | None = None,
+        status: str = "",
+        sources: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, path=path, request_id=request_id, status=status)
+        self.sources = sources
 
 
 class InvalidUserinfo(SessionSyncError, ValueError):

@@ -129,6 +129,21 @@ class _Instruments:
             buckets=DEFAULT_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.list_refusals = prometheus_client.Counter(
+            "session_sync_pangea_list_refusals",
+            "List requests Pangea refused as too large (ValidationError or another answer about the "
+            "request's shape), by endpoint and what was cut down: ids (filter ids) or size (page size).",
+            ["endpoint", "kind"],
+            registry=registry,
+        )
+        self.list_limit = prometheus_client.Gauge(
+            "session_sync_pangea_list_limit",
+            "The largest filter ids (ids) or page size (size) Pangea was found to accept per list request, "
+            "learned by this process since it started (absent: never refused).",
+            ["endpoint", "kind"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         # Known series start at zero, so dashboards and rate() see them before the first event.
         for outcome in CHECK_OUTCOMES:
             self.checks.labels(outcome)
@@ -196,6 +211,16 @@ def record_logouts(counts: Mapping[str, Any]) -> None:
 def observe_pangea(endpoint: str, status: str, seconds: float) -> None:
     """Time one HTTP call to Pangea: ``endpoint`` is the path, ``status`` the HTTP status or ``error``."""
     _instruments().pangea.labels(endpoint, status).observe(seconds)
+
+
+def record_list_refusal(endpoint: str, kind: str) -> None:
+    """Count one list request Pangea refused as too large (``kind``: ``ids`` or ``size``)."""
+    _instruments().list_refusals.labels(endpoint, kind).inc()
+
+
+def record_list_limit(endpoint: str, kind: str, limit: int) -> None:
+    """Show the largest ``kind`` Pangea accepts per request on ``endpoint``, as learned."""
+    _instruments().list_limit.labels(endpoint, kind).set(limit)
 
 
 # --- the database gauges, at scrape time ------------------------------------------------------------

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     refresh_margin_floor: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_MARGIN")
     refresh_margin_fraction: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False, alias="SESSION_SYNC_REFRESH_FRACTION")
     batch_size: int = Field(500, ge=1, le=10_000, alias="SESSION_SYNC_BATCH_SIZE")
+    #: Most ids per bulk list request (and its page size); None: learn Pangea's limit (worker.list_limits).
+    bulk_chunk: int | None = Field(None, ge=1, le=10_000, alias="SESSION_SYNC_BULK_CHUNK")
     concurrency: int = Field(32, ge=1, le=1_000, alias="SESSION_SYNC_CONCURRENCY")
     #: How long an active token the worker replaced by a refresh still authenticates (web-app side).
     refresh_grace: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_GRACE")

@@ -63,6 +63,9 @@ STATUS_OUTCOMES: Mapping[str, Outcome] = {
     "ServiceNotEnabled": Outcome.UNAVAILABLE,
 }
 
+#: HTTP codes that refuse a request for its size even without an envelope (a proxy's 413, 414, 431).
+SHAPE_CODES = frozenset({413, 414, 431})
+
 #: The verdict each verdict outcome stands for.
 VERDICTS: Mapping[Outcome, Verdict] = {
     Outcome.VALID: Verdict.VALID,
@@ -81,16 +84,27 @@ def outcome_of(http: int, status: str | None) -> Outcome:
     - ``Success`` counts only under HTTP 200 (as the Go SDK requires); under any other code the
       answer is not plainly Pangea's (PROTOCOL: retried, never a verdict);
     - without an envelope (a proxy's page, a body that is not Pangea's) only the HTTP code can
-      speak: 429 is a throttle, anything else is no answer.
+      speak: 429 is a throttle, 413/414/431 a refusal of the request's size (:data:`SHAPE_CODES`),
+      anything else is no answer.
     """
     if http >= 500:
         return Outcome.UNAVAILABLE
     if status is None:
+        if http in SHAPE_CODES:
+            return Outcome.REFUSED
         return Outcome.RATE_LIMITED if http == 429 else Outcome.PROTOCOL
     outcome = STATUS_OUTCOMES.get(status, Outcome.PROTOCOL)
     if outcome is Outcome.VALID and http != 200:
         return Outcome.PROTOCOL
     return outcome
+
+
+def refusal_sources(result: object) -> tuple[str, ...] | None:
+    """The JSON pointers a refusal blames (``result.errors[*].source``); None if it lists no errors."""
+    found = result.get("errors") if isinstance(result, dict) else None
+    if not isinstance(found, list) or not found:
+        return None
+    return tuple(e["source"] for e in found if isinstance(e, dict) and isinstance(e.get("source"), str))
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,6 +174,7 @@ def test_empty_faults_clear_them(emu: RunningEmulator) -> None:
     assert check(emu).status_code == 400
     assert httpx.get(f"{emu.base_url}/emulator/faults").json() == {
         "latency_ms": 0, "error_rate": 0.0, "error": None, "retry_after": 1.0, "paths": [], "http_codes": {},
+        "max_size": None, "max_filter_ids": None,
     }  # fmt: skip
 
 
@@ -219,6 +220,9 @@ def test_the_admin_surface_is_never_faulted(emu: RunningEmulator) -> None:
         {"http_codes": {"InvalidToken": "401"}},
         {"http_codes": {"Teapot": 418}},
         {"http_codes": [401]},
+        {"max_size": 0},
+        {"max_filter_ids": "100"},
+        {"max_filter_ids": True},
         [],
     ],
 )
@@ -405,3 +409,26 @@ def test_http_codes_from_the_environment(text: str, codes: dict[str, int]) -> No
 def test_bad_http_codes_in_the_environment_name_the_variable(text: str) -> None:
     with pytest.raises(faults.BadFaults, match="EMULATOR_HTTP_CODES"):
         faults.http_codes_from_text(text, "EMULATOR_HTTP_CODES")
+
+
+# --- list limits ------------------------------------------------------------------------------
+
+
+def test_list_limits_from_the_setting_and_the_faults() -> None:
+    from worker.emulator import create_app, validation
+
+    app = create_app(service_token="pts_a", client_token="pcl_b", max_size=100, max_filter_ids=50)
+    assert app._limits == validation.ListLimits(100, 50)
+    assert faults.limit_from_text("", "EMULATOR_MAX_LIST_SIZE") is None
+    assert faults.limit_from_text(" 100 ", "EMULATOR_MAX_LIST_SIZE") == 100
+    for bad in ("0", "-1", "ten"):
+        with pytest.raises(faults.BadFaults, match="EMULATOR_MAX_FILTER_IDS"):
+            faults.limit_from_text(bad, "EMULATOR_MAX_FILTER_IDS")
+
+
+def test_a_validation_error_fault_refuses_any_request(emu: RunningEmulator) -> None:
+    emu.admin.faults(error="ValidationError", paths=["/v2/session/list"])
+    answer = http_post(emu.base_url, "/v2/session/list", emu.service_token, {"size": 1})
+    assert (answer.status_code, answer.json()["status"]) == (400, "ValidationError")
+    assert answer.json()["result"]["errors"][0]["source"] == ""
+    assert check(emu).json()["status"] == "InvalidToken"  # other paths answer as usual

@@ -416,3 +416,31 @@ def test_random_bytes_are_validation_errors(http: httpx.Client, path: str, raw: 
     except ValueError:
         assert exchange.status == "ValidationError"
         assert exchange.response.json()["result"]["errors"][0]["code"] == "BadFormat"
+
+
+def test_list_limit_refusals_are_pangeas_validation_envelope(
+    emu: RunningEmulator, http: httpx.Client, spec: Spec
+) -> None:
+    # Given a Pangea that lists at most 2 results and 2 filter ids per request
+    token = post(http, "/v2/client/userinfo", {"code": emu.admin.login("ada@example.com")}).response.json()
+    user_token = token["result"]["active_token"]["token"]
+    emu.admin.faults(max_size=2, max_filter_ids=2)
+    ids = ["pmt_" + c * 32 for c in "abc"]
+
+    # When list requests above the limits come, on both list endpoints
+    exchanges = [
+        post(http, "/v2/session/list", {"size": 3}),
+        post(http, "/v2/session/list", {"filter": {"active_token_id__in": ids}, "size": 2}),
+        post(http, "/v2/client/session/list", {"token": user_token, "filter": {"id__in": ids}, "size": 3}),
+    ]
+    within = post(http, "/v2/session/list", {"filter": {"active_token_id__in": ids[:2]}, "size": 2})
+
+    # Then each is refused with HTTP 400 ValidationError, valid against the spec, naming what broke a limit
+    assert [x.status for x in exchanges] == ["ValidationError"] * 3 and within.status == "Success"
+    assert all(x.response.status_code == 400 and not spec.response_errors(x) for x in exchanges)
+    blamed = [[(e["code"], e["source"]) for e in x.response.json()["result"]["errors"]] for x in exchanges]
+    assert blamed == [
+        [("IsTooBig", "/size")],
+        [("AboveMaxItems", "/filter/active_token_id__in")],
+        [("IsTooBig", "/size"), ("AboveMaxItems", "/filter/id__in")],
+    ]

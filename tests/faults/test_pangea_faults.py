@@ -37,6 +37,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "huge_body": {"error": "Huge", "error_rate": 0.3},
     "wrong_content_type": {"error": "WrongContentType", "error_rate": 0.5},
     "dropped_refresh": {"error": "Dropped", "error_rate": 0.5, "paths": [REFRESH]},
+    # a Pangea whose session lists refuse (ValidationError) more than 10 results or filter ids: below our batch
+    "list_limits": {"max_size": 10, "max_filter_ids": 10},
 }
 
 

@@ -95,7 +95,8 @@ async def test_bulk_lookup_by_active_token_ids_pages_through(client: authn.Authn
 
     # Then every live session is found and the invalidated one is not, with or without the helper
     assert set(found) == set(ids[:5])
-    assert set(await client.sessions_by_active_token_ids(ids)) == set(ids[:5])
+    listed = await client.sessions_by_active_token_ids(ids)
+    assert set(listed.found) == set(ids[:5]) and listed.unlisted == []
     assert found[ids[0]].id == all_creds[0].session_id
 
 
@@ -141,9 +142,30 @@ async def test_client_token_cannot_use_service_endpoints(emu: RunningEmulator) -
 
 
 async def test_validation_error_is_a_rejected_request(client: authn.AuthnClient) -> None:
-    with pytest.raises(errors.AuthnRequestRejected) as caught:
+    with pytest.raises(errors.AuthnRequestInvalid) as caught:
         await client.session_invalidate("not-a-session-id")
-    assert caught.value.status == "ValidationError"
+    assert caught.value.status == "ValidationError" and caught.value.sources == ("/session_id",)
+
+
+async def test_lists_are_split_below_pangeas_limits(client: authn.AuthnClient, emu: RunningEmulator) -> None:
+    # Given seven live sessions, and a Pangea that refuses lists above 3 results or 2 filter ids
+    ids = [(await login(client, emu, f"split{i}@example.com")).active_token.id for i in range(7)]
+    emu.admin.faults(max_size=3, max_filter_ids=2)
+
+    # When one page of all seven is asked for, Pangea refuses it and names what broke its limits
+    with pytest.raises(errors.AuthnRequestInvalid) as caught:
+        await client.session_list(filter={"active_token_id__in": ids}, size=7)
+    assert set(caught.value.sources) == {"/size", "/filter/active_token_id__in"}
+
+    # Then the bulk lookup still finds every one, in requests Pangea accepts
+    listed = await client.sessions_by_active_token_ids(ids)
+    assert set(listed.found) == set(ids) and listed.unlisted == []
+    assert client._limits.ids.known == 2
+
+    # When a list is refused however small, the ids come back for one check each
+    emu.admin.faults(error="ValidationError", paths=["/v2/session/list"])
+    listed = await client.sessions_by_active_token_ids(ids[:3])
+    assert listed.found == {} and listed.unlisted == ids[:3]
 
 
 # --- the envelope decides, not the HTTP code -------------------------------------------------------

@@ -87,10 +87,18 @@ def _out_of_bounds(field: FieldInfo, step: float) -> list[str]:
     return [str(int(v)) if step == 1 else repr(v) for v in values]
 
 
+def _kind(field: FieldInfo) -> object:
+    """The field's type, without the ``| None`` of an optional number (None: unset, so never malformed)."""
+    kind = field.annotation
+    if kind == int | None:
+        return int
+    return kind
+
+
 def malformed(alias: str) -> list[str]:
     """Values of the right general shape for nothing: chosen from the field's type, bounds and alias."""
     field = FIELDS[alias]
-    kind = field.annotation
+    kind = _kind(field)
     if kind is timedelta:
         return BAD_DURATIONS + (["0", "0s", "0ms"] if alias in MUST_BE_ABOVE_ZERO else [])
     if kind is bool:
@@ -136,7 +144,7 @@ def test_malformed_setting_is_one_line_naming_its_variable(alias: str, value: st
 def good_value(alias: str) -> str:
     """A well-formed value other than the default, so the malformed ones are refused for themselves."""
     field = FIELDS[alias]
-    kind = field.annotation
+    kind = _kind(field)
     if kind is timedelta:
         return "0" if alias in ZERO_MEANS_SOMETHING else "90s"
     if kind is bool:
@@ -144,7 +152,7 @@ def good_value(alias: str) -> str:
     if get_origin(kind) is Literal:
         return str(get_args(kind)[-1])
     if kind is int:
-        return str(field.default + 1)
+        return str((field.default or 99) + 1)
     if kind is float:
         return str(field.default / 2)
     good = {

@@ -40,6 +40,9 @@ README = Path(__file__).resolve().parents[2] / "README.md"
         (401, None, OUT.PROTOCOL),
         (200, None, OUT.PROTOCOL),
         (429, None, OUT.RATE_LIMITED),
+        # a proxy refusing the request's size speaks of its shape, envelope or not
+        (413, None, OUT.REFUSED),
+        (414, None, OUT.REFUSED),
     ],
 )
 def test_the_table(http: int, status: str | None, outcome: wire.Outcome) -> None:
@@ -83,6 +86,7 @@ ENVELOPE = (
         (202, ENVELOPE % b"Success", "application/json", errors.AuthnProtocolError),
         (400, ENVELOPE % b"Mystery", "application/json", errors.AuthnProtocolError),
         (401, ENVELOPE % b"InvalidToken", "text/html", errors.AuthnProtocolError),
+        (413, b"<html>413 Request Entity Too Large</html>", "text/html", errors.AuthnRequestInvalid),
     ],
 )
 def test_classify_raises_by_class(http: int, body: bytes, content_type: str, raised: type[Exception] | None) -> None:

@@ -54,6 +54,8 @@ def test_postgres_urls_use_psycopg3() -> None:
         ({"DATABASE_URL": "mysql://root@db/app"}, "DATABASE_URL"),
         ({"SESSION_SYNC_BATCH_SIZE": "lots"}, "SESSION_SYNC_BATCH_SIZE"),
         ({"SESSION_SYNC_BATCH_SIZE": "0"}, "SESSION_SYNC_BATCH_SIZE"),
+        ({"SESSION_SYNC_BULK_CHUNK": "0"}, "SESSION_SYNC_BULK_CHUNK"),
+        ({"SESSION_SYNC_BULK_CHUNK": "all"}, "SESSION_SYNC_BULK_CHUNK"),
         ({"SESSION_SYNC_CHECK_INTERVAL": "often"}, "SESSION_SYNC_CHECK_INTERVAL"),
         ({"SESSION_SYNC_REFRESH_FRACTION": "1.5"}, "SESSION_SYNC_REFRESH_FRACTION"),
     ],

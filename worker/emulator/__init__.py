@@ -42,6 +42,8 @@ def serve(
     service_token: str = DEFAULT_SERVICE_TOKEN,
     client_token: str = DEFAULT_CLIENT_TOKEN,
     http_codes: Mapping[str, int] | None = None,
+    max_size: int | None = None,
+    max_filter_ids: int | None = None,
     **rules: str,
 ) -> None:
     """Run the emulator under uvicorn until interrupted (blocking); ``rules``: see :func:`create_app`.
@@ -51,5 +53,12 @@ def serve(
     """
     import uvicorn  # only the server needs it
 
-    app = create_app(service_token=service_token, client_token=client_token, http_codes=http_codes, **rules)
+    app = create_app(
+        service_token=service_token,
+        client_token=client_token,
+        http_codes=http_codes,
+        max_size=max_size,
+        max_filter_ids=max_filter_ids,
+        **rules,
+    )
     uvicorn.run(app, host=host, port=port, access_log=False, timeout_graceful_shutdown=5)

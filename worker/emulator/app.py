@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from worker.emulator import faults, handlers, jwt, store, wire
+from worker.emulator import faults, handlers, jwt, store, validation, wire
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Emulator:
         http_codes: Mapping[str, int] | None = None,
         rotation: str = store.ROTATIONS[0],
         active_tokens: str = store.ACTIVE_TOKENS[0],
+        max_size: int | None = None,
+        max_filter_ids: int | None = None,
     ) -> None:
         if not service_token or not client_token or service_token == client_token:
             raise ValueError("the service and client tokens must be two different non-empty strings")
@@ -65,6 +67,11 @@ class Emulator:
         self._codes = dict(self._http_codes)
         key = jwt.SigningKey.generate()
         self._defaults = {"rotation": rotation, "active_tokens": active_tokens}
+        #: List limits (the setting; the ``max_size`` / ``max_filter_ids`` faults go over it).
+        self._limits_setting = validation.ListLimits(
+            faults.parse_limit(max_size, "max_size"), faults.parse_limit(max_filter_ids, "max_filter_ids")
+        )
+        self._limits = self._limits_setting
         self.ctx = handlers.Context(
             store=store.Store(rotation=rotation, active_tokens=active_tokens, sign=key.sign),
             service_token=service_token,
@@ -132,6 +139,8 @@ class Emulator:
             return
         if fault in ("InternalError", "TooManyRequests"):
             answer = wire.failure(fault)
+        elif fault == "ValidationError":
+            answer = wire.validation_error([{"code": "BadState", "detail": "the request was refused", "source": ""}])
         else:
             answer = self._answer(scope, path, raw, time.time())
         code = self._codes.get(answer.status)
@@ -155,7 +164,7 @@ class Emulator:
         if raw is None:
             return wire.validation_error([{"code": "AboveMaxLength", "detail": "the body is too large", "source": ""}])
         try:
-            return handlers.answer(self.ctx, path, raw, now)
+            return handlers.answer(self.ctx, path, raw, now, limits=self._limits)
         except Exception:  # a bug: still answer with an envelope, and say so loudly
             logger.exception("Emulator failed on %s", path)
             return wire.failure("InternalError")
@@ -237,6 +246,11 @@ class Emulator:
         except ValueError as exc:
             return 400, {"error": str(exc)}
         self._codes = self._http_codes | dict(self.faults.http_codes)
+        setting = self._limits_setting
+        self._limits = validation.ListLimits(
+            setting.max_size if self.faults.max_size is None else self.faults.max_size,
+            setting.max_filter_ids if self.faults.max_filter_ids is None else self.faults.max_filter_ids,
+        )
         return 200, self.faults.to_json()
 
     def _config(self) -> dict[str, str]:
@@ -259,6 +273,7 @@ class Emulator:
         self.stats = {}
         self.faults = faults.Faults()
         self._codes = dict(self._http_codes)
+        self._limits = self._limits_setting
         self._release.set()
         self._release = asyncio.Event()
         return 200, {}
@@ -271,6 +286,8 @@ def create_app(
     http_codes: Mapping[str, int] | None = None,
     rotation: str = store.ROTATIONS[0],
     active_tokens: str = store.ACTIVE_TOKENS[0],
+    max_size: int | None = None,
+    max_filter_ids: int | None = None,
 ) -> Emulator:
     """A fresh emulator (its own in-memory state) accepting these two bearer tokens.
 
@@ -279,6 +296,8 @@ def create_app(
     ``rotation`` (:data:`store.ROTATIONS`) and ``active_tokens`` (``opaque`` or ``jwt``) choose how
     it plays the rules Pangea does not document; ``POST /emulator/config`` changes them while it runs,
     and ``POST /emulator/reset`` puts these back.
+    ``max_size`` and ``max_filter_ids`` make the session lists refuse larger requests with a
+    ValidationError (default: no limit); see ``worker.emulator.faults``.
     """
     return Emulator(
         service_token=service_token,
@@ -286,6 +305,8 @@ def create_app(
         http_codes=http_codes,
         rotation=rotation,
         active_tokens=active_tokens,
+        max_size=max_size,
+        max_filter_ids=max_filter_ids,
     )
 
 

@@ -16,6 +16,8 @@ happens instead of (or, for ``Dropped``, after) the real answer:
   larger than any real answer; nothing performed.
 - ``WrongContentType``: the request *is performed* and its real envelope sent, labelled
   ``text/html`` as a misconfigured proxy would.
+- ``ValidationError``: HTTP 400 ``ValidationError`` whose ``result.errors`` blames the whole body
+  (a Pangea refusing a request however small); nothing performed.
 
 ``error`` alone means ``error_rate`` 1; ``error_rate`` alone means ``InternalError``. ``paths``
 limits faults to those API paths. Faults never touch ``/emulator/*``.
@@ -24,6 +26,12 @@ limits faults to those API paths. Faults never touch ``/emulator/*``.
 come with, on every path, over the emulator's own setting (``create_app(http_codes=...)``,
 ``EMULATOR_HTTP_CODES``): Pangea documents no code for InvalidToken or ExpiredToken, so a client
 must give the same result under any plausible one. Clearing the faults restores the setting.
+
+``max_size`` and ``max_filter_ids`` play a Pangea with list limits (it publishes none): a session
+list asking for a larger ``size``, or naming more ids in one ``__in`` filter, is refused with HTTP
+400 ``ValidationError`` and ``result.errors`` (``IsTooBig`` at ``/size``, ``AboveMaxItems`` at
+``/filter/<key>``). They go over the emulator's settings (``create_app(max_size=...,
+max_filter_ids=...)``, ``EMULATOR_MAX_LIST_SIZE``, ``EMULATOR_MAX_FILTER_IDS``) the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ KINDS = (
     "NotJson",
     "Huge",
     "WrongContentType",
+    "ValidationError",
 )
 #: Size of a ``Huge`` answer's body in bytes.
 HUGE_BYTES = 32 << 20
@@ -61,7 +70,9 @@ CODED_STATUSES = (
     "TooManyRequests",
     "InternalError",
 )
-_KEYS = frozenset({"latency_ms", "error_rate", "error", "retry_after", "paths", "http_codes"})
+_KEYS = frozenset(
+    {"latency_ms", "error_rate", "error", "retry_after", "paths", "http_codes", "max_size", "max_filter_ids"}
+)
 
 
 class BadFaults(ValueError):
@@ -79,6 +90,10 @@ class Faults:
     paths: frozenset[str] = frozenset()
     #: HTTP code by envelope status, over the emulator's setting (every path, whatever ``paths`` says).
     http_codes: Mapping[str, int] = field(default_factory=dict)
+    #: Largest ``size`` a session list accepts (None: the emulator's setting).
+    max_size: int | None = None
+    #: Most ids a session list's ``__in`` filter accepts (None: the emulator's setting).
+    max_filter_ids: int | None = None
 
     @property
     def active(self) -> bool:
@@ -104,6 +119,8 @@ class Faults:
             "retry_after": self.retry_after,
             "paths": sorted(self.paths),
             "http_codes": dict(self.http_codes),
+            "max_size": self.max_size,
+            "max_filter_ids": self.max_filter_ids,
         }
 
 
@@ -141,7 +158,28 @@ def parse(body: Any, api_paths: Collection[str]) -> Faults:
         retry_after=float(retry_after),
         paths=frozenset(paths),
         http_codes=parse_http_codes(body.get("http_codes", {}), "http_codes"),
+        max_size=parse_limit(body.get("max_size"), "max_size"),
+        max_filter_ids=parse_limit(body.get("max_filter_ids"), "max_filter_ids"),
     )
+
+
+def parse_limit(value: Any, name: str) -> int | None:
+    """A list limit: an integer from 1, or None for none; BadFaults (naming ``name``) if wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadFaults(f"{name} must be an integer from 1 (or null: no limit)")
+    return value
+
+
+def limit_from_text(text: str, name: str) -> int | None:
+    """A list limit from an environment variable's text ("" or unset: no limit)."""
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise BadFaults(f"{name} must be an integer from 1 (or empty: no limit)")
+    return parse_limit(int(text), name)
 
 
 def parse_http_codes(value: Any, name: str) -> dict[str, int]:

@@ -50,13 +50,17 @@ def make_jwks() -> dict[str, list[dict[str, str]]]:
     return jwt.SigningKey.generate().jwks()
 
 
-def answer(ctx: Context, path: str, raw: bytes, now: float) -> wire.Answer:
-    """The answer to an authorized POST on a known API path with body ``raw``."""
+def answer(
+    ctx: Context, path: str, raw: bytes, now: float, *, limits: validation.ListLimits | None = None
+) -> wire.Answer:
+    """The answer to an authorized POST on a known API path with body ``raw``, within list ``limits``."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return wire.validation_error([validation.error("BadFormat", "the body is not JSON", "")])
     errors = validation.BODIES[path](body, "")
+    if not errors and limits is not None and path in validation.LIST_PATHS:
+        errors = validation.list_limits(body, limits)
     if errors:
         return wire.validation_error(errors)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from worker.emulator import listing
@@ -181,3 +182,29 @@ BODIES: dict[str, Check] = {
         {"session_id": string(TOKEN_ID), "user_initiated": boolean}, required=("session_id",)
     ),
 }
+
+
+#: The endpoints whose requests :class:`ListLimits` bounds.
+LIST_PATHS = frozenset({"/v2/session/list", "/v2/client/session/list"})
+
+
+@dataclass(frozen=True, slots=True)
+class ListLimits:
+    """Limits a Pangea might set on list requests (it publishes none); None: no limit."""
+
+    max_size: int | None = None
+    max_filter_ids: int | None = None
+
+
+def list_limits(body: Mapping[str, Any], limits: ListLimits) -> list[Error]:
+    """The errors of a valid list request that breaks ``limits``: ``size`` too big, a ``__in`` list too long."""
+    found: list[Error] = []
+    size = body.get("size")
+    if limits.max_size is not None and size is not None and size > limits.max_size:
+        found.append(error("IsTooBig", f"must be at most {limits.max_size}", "/size"))
+    if limits.max_filter_ids is not None:
+        for key, value in (body.get("filter") or {}).items():
+            if key.endswith("__in") and len(value) > limits.max_filter_ids:
+                detail = f"must hold at most {limits.max_filter_ids} items"
+                found.append(error("AboveMaxItems", detail, pointer("/filter", key)))
+    return found
