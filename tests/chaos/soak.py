@@ -1,0 +1,419 @@
+"""The chaos soak: real workers and beat through an overlapping, seeded schedule of faults, then judged.
+
+Several ``celery -A worker worker`` processes and a ``celery -A worker beat`` work on PostgreSQL
+with a Redis server of the soak's own, against the emulator over HTTP. The :mod:`plan` drives
+everything at once: users log in and out through ``worker.sessions``, admins end sessions at
+Pangea through its real endpoints, Pangea fails in one way after another, and workers, beat,
+Redis (and, when asked, PostgreSQL) die and come back. Then everything heals and the run is judged
+by the fault matrix's measure (:class:`tests.faults.world.World`) from Pangea's session list and
+the database's rows, plus what only a soak can show: Pangea sessions nobody holds any more, leases
+taken while live (:mod:`leases`), and audit events that were never applied.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from tests.chaos import leases, plan
+from tests.chaos.fleet import Fleet
+from tests.conftest import RunningEmulator
+from tests.faults.test_process_faults import RedisServer, _pg_ctl
+from tests.faults.world import Figures, World, _active_id, _pangea_sessions, _run, fault_env
+from worker import models, runtime, sessions
+from worker.settings import Settings
+
+S = models.LocalSession
+#: Active-token lifetimes a login draws from (seconds): short ones refresh many times in a run.
+LIFETIMES = (8.0, 8.0, 8.0, 20.0, 20.0, 20.0, 3600.0, 3600.0, 3600.0, 3600.0)
+#: How long the soak waits, after the heal, for the worker to catch up before judging anyway.
+RECOVERY_LIMIT = 90.0
+
+
+class SoakWorld(World):
+    """The fault matrix's world, with sessions that come and go while the soak runs."""
+
+    def __init__(self, rt: runtime.Runtime, emu: RunningEmulator) -> None:  # no logins up front
+        self.rt = rt
+        self.emu = emu
+        self.ids: list[int] = []
+        self.doomed: set[int] = set()
+        self.leaving: set[int] = set()
+        self._pangea_ids: dict[int, str] = {}
+        self.user_of: dict[int, str] = {}
+
+    @property  # type: ignore[override]
+    def living(self) -> list[int]:
+        """Sessions nobody ended: each must still be active after recovery (or lost in transit)."""
+        return [sid for sid in self.ids if sid not in self.doomed and sid not in self.leaving]
+
+    def add(self, session_id: int, pangea_id: str, user_id: str) -> None:
+        self.ids.append(session_id)
+        self._pangea_ids[session_id] = pangea_id
+        self.user_of[session_id] = user_id
+
+    def sessions_of(self, user_id: str) -> list[int]:
+        return [sid for sid in self.ids if self.user_of[sid] == user_id]
+
+    def orphaned(self) -> int:
+        """Sessions alive at Pangea that no active local session holds: tokens nobody has, still valid."""
+        live = _run(_pangea_sessions(self.emu, list(self._pangea_ids.values())))
+        with self.rt.sessions() as db:
+            active = set(db.execute(sa.select(S.id).where(S.state == models.SessionState.ACTIVE)).scalars())
+        return sum(1 for sid, pid in self._pangea_ids.items() if pid in live and sid not in active)
+
+    def carrying(self) -> dict[int, bool]:
+        """For each session alive at Pangea: whether Pangea's active token is the one we hold."""
+        live = _run(_pangea_sessions(self.emu, list(self._pangea_ids.values())))
+        with self.rt.sessions() as db:
+            ours = dict(db.execute(sa.select(S.id, S.active_token_id)).tuples())
+        return {sid: _active_id(live[pid]) == ours.get(sid) for sid, pid in self._pangea_ids.items() if pid in live}
+
+    def explain(self, limit: int = 12) -> list[str]:
+        """One line per session that counts against the run: its row, its outbox rows, its audit trail."""
+        live = _run(_pangea_sessions(self.emu, list(self._pangea_ids.values())))
+        lines = []
+        with self.rt.sessions() as db:
+            for sid in self.ids:
+                row = db.get(S, sid)
+                assert row is not None
+                at_pangea = "live" if self._pangea_ids[sid] in live else "gone"
+                role = "doomed" if sid in self.doomed else "leaving" if sid in self.leaving else "living"
+                active = row.state is models.SessionState.ACTIVE
+                if (
+                    (role == "doomed" and active)
+                    or (role == "living" and not active)
+                    or (role == "leaving" and at_pangea == "live")
+                ):
+                    lines.append(
+                        f"session {sid} {role}: {row.state.value}/{row.end_reason} at Pangea {at_pangea};"
+                        f" {_trail(db, sid)}"
+                    )
+        return lines[:limit]
+
+    def unapplied_revocations(self) -> int:
+        """Audit events saying 'revoked' whose session is not revoked with that reason (issue #12)."""
+        ev = models.SessionEvent
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(ev)
+            .join(S, S.id == ev.session_id)
+            .where(ev.action == "revoked", sa.or_(S.state != models.SessionState.REVOKED, S.end_reason != ev.reason))
+        )
+        with self.rt.sessions() as db:
+            return int(db.execute(stmt).scalar_one())
+
+
+def _trail(db: orm.Session, sid: int) -> str:
+    """A session's outbox rows and audit events, oldest first, in one line."""
+    E, V = models.LogoutEvent, models.SessionEvent
+    outbox = db.execute(sa.select(E.kind, E.state, E.attempts, E.last_error).where(E.session_id == sid)).all()
+    events = db.execute(sa.select(V.at, V.action, V.outcome, V.reason).where(V.session_id == sid).order_by(V.id))
+    shown = [f"{e.at:%H:%M:%S.%f}"[:-3] + f" {e.action}:{e.outcome}:{e.reason}" for e in events]
+    return f"outbox {[tuple(o) for o in outbox]} events {shown}"
+
+
+@dataclass
+class Tally:
+    """What the soak did (not what the worker did): the notes of its figures."""
+
+    logins: int = 0
+    logins_failed: int = 0
+    logouts: int = 0
+    user_logouts: int = 0
+    ended_at_pangea: int = 0
+    pangea_windows: int = 0
+    redis_kills: int = 0
+    postgres_restarts: int = 0
+    app_errors: int = 0
+
+
+class Soak:
+    """One run of a :class:`plan.Plan` against a :class:`Fleet`; :meth:`run` returns its figures."""
+
+    def __init__(
+        self,
+        *,
+        pg_url: str,
+        emu: RunningEmulator,
+        redis: RedisServer,
+        workdir: Path,
+        the_plan: plan.Plan,
+        workers: int = 3,
+        postgres: tuple[str, str] | None = None,
+        slots: list[dict[str, str]] | None = None,
+        name: str = "chaos",
+        **settings: str,
+    ) -> None:
+        base = fault_env(pg_url, emu.base_url, emu.service_token)
+        # Batches of 20 refreshed 4 at a time: a slow Pangea makes a batch outlast its hold (issue #12)
+        base |= {"SESSION_SYNC_BATCH_SIZE": "20", "SESSION_SYNC_CONCURRENCY": "4"} | settings
+        self.env = base | {"CELERY_BROKER_URL": redis.url}
+        self.rt = runtime.Runtime(Settings.from_env(base))
+        self.emu = emu
+        self.redis = redis
+        self.plan = the_plan
+        self.name = name
+        self.postgres = postgres
+        self.world = SoakWorld(self.rt, emu)
+        self.fleet = Fleet(self.env, workdir, slots or [{} for _ in range(workers)])
+        self.tally = Tally()
+        self._rng = random.Random(the_plan.seed)
+        self._users = [f"u{i}@chaos.example" for i in range(200)]
+        self._banned: set[str] = set()  # users logged out everywhere: a late user-wide logout would end a new login
+        self._emails: dict[str, str] = {}  # Pangea user id -> email
+        self._down = {"redis": threading.Lock(), "postgres": threading.Lock()}
+        self._next_retry = 0.0
+        self._pending: list[tuple[str, dict[str, Any]]] = []  # Pangea-side endings not yet confirmed
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._fault_until = 0.0
+        self._pangea = httpx.Client(
+            base_url=emu.base_url, timeout=1.0, headers={"Authorization": f"Bearer {emu.service_token}"}
+        )
+        leases.install(self.rt.db_engine, lease=self.rt.settings.lease, refresh_lease=self.rt.settings.refresh_lease)
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def populate(self, count: int) -> None:
+        """``count`` users log in before the run (some users twice: user-wide logouts end several)."""
+        for _ in range(count):
+            self._login(self._rng.randrange(1 << 30))
+
+    def run(self, on_heal: Callable[[], None] = lambda: None) -> Figures:
+        """Start the fleet, play the plan, heal, wait for recovery and judge."""
+        self.fleet.start()
+        started = time.monotonic()
+        for event in self.plan.events:
+            self._wait_until(started + event.at)
+            self._do(event)
+        self._wait_until(started + self.plan.seconds)
+        healed = self._heal()
+        on_heal()
+        recovered = self._recover(healed)
+        return self._judge(recovered)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.fleet.close()
+        self._pangea.close()
+        self.rt.close()
+
+    def _wait_until(self, deadline: float) -> None:
+        while (left := deadline - time.monotonic()) > 0:
+            self._tick()
+            time.sleep(min(left, 0.1))
+
+    def _tick(self) -> None:
+        """Between events: end a Pangea fault window that is over, retry unconfirmed Pangea endings."""
+        if self._fault_until and time.monotonic() >= self._fault_until:
+            self.emu.admin.clear_faults()
+            self._fault_until = 0.0
+        if self._pending and time.monotonic() >= self._next_retry:  # one at a time: a timeout costs a second
+            path, body = self._pending[0]
+            if self._pangea_call(path, body):
+                self._pending.pop(0)
+            else:
+                self._next_retry = time.monotonic() + 0.3
+
+    def _do(self, event: plan.Event) -> None:
+        handlers: dict[str, Callable[[plan.Event], None]] = {
+            "login": lambda e: self._login(e.pick),
+            "logout": self._logout,
+            "logout_user": self._logout_user,
+            "pangea_invalidate": self._pangea_invalidate,
+            "pangea_logout_user": self._pangea_logout_user,
+            "pangea_faults": self._pangea_faults,
+            "kill_worker": lambda e: self._spawn(self.fleet.kill_worker, e.pick, e.lasts, self._stop),
+            "kill_beat": lambda e: self._spawn(self.fleet.kill_beat, e.lasts, self._stop),
+            "kill_redis": lambda e: self._spawn(self._kill_redis, e.lasts),
+            "restart_postgres": lambda e: self._spawn(self._restart_postgres, e.lasts),
+        }
+        handlers[event.kind](event)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _heal(self) -> datetime:
+        """Clear every fault, bring every process back, confirm every Pangea ending; the heal's time."""
+        self.emu.admin.clear_faults()
+        self._fault_until = 0.0
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+        self.fleet.ensure_up()
+        deadline = time.monotonic() + 30
+        while self._pending and time.monotonic() < deadline:
+            self._tick()
+            time.sleep(0.1)
+        assert not self._pending, f"Pangea never confirmed {len(self._pending)} endings with no fault on"
+        return datetime.now(UTC)
+
+    def _recover(self, healed: datetime) -> float:
+        """Seconds from the heal until the worker caught up (infinity if it never did)."""
+        deadline = time.monotonic() + RECOVERY_LIMIT
+        while time.monotonic() < deadline:
+            if self.world.caught_up(healed):
+                return (datetime.now(UTC) - healed).total_seconds()
+            time.sleep(0.3)
+        return float("inf")
+
+    def _judge(self, recovered: float) -> Figures:
+        figures = self.world.judge(f"{self.name} seed={self.plan.seed}", recovered_in=recovered)
+        notes = {
+            "orphaned": self.world.orphaned(),
+            "leases_taken_live": len(leases.taken(self.rt.db_engine)),
+            "audit_unapplied": self.world.unapplied_revocations(),
+            "sessions": len(self.world.ids),
+            "worker_kills": self.fleet.kills["worker"],
+            "beat_kills": self.fleet.kills["beat"],
+        } | {k: v for k, v in self.tally.__dict__.items() if v}
+        if notes["leases_taken_live"]:
+            notes["taken_by_clock"] = leases.by_clock(self.rt.db_engine, lease=self.rt.settings.lease)
+        return Figures(**{**figures.__dict__, "notes": notes})
+
+    # --- what the app does (worker.sessions, as a web app would) -----------------------------------
+
+    def _login(self, pick: int) -> None:
+        """A user signs in on the hosted page; the app exchanges the code and records the session."""
+        candidates = [u for u in self._users if u not in self._banned]
+        email = candidates[pick % len(candidates)]
+        code = self.emu.admin.login(email, active_ttl=LIFETIMES[(pick >> 8) % len(LIFETIMES)])
+        result = None
+        for _ in range(3):  # the app's own retry; Pangea may be failing right now
+            body = self._post("/v2/client/userinfo", {"code": code})
+            if body is not None and body.get("status") == "Success":
+                result = body["result"]
+                break
+            if body is not None and body.get("status") in ("InvalidToken", "ExpiredToken"):
+                break  # spent by an answer that was dropped: that Pangea session is nobody's
+        if result is None:
+            self.tally.logins_failed += 1
+            return
+        try:
+            with self.rt.sessions.begin() as db:
+                sid = sessions.record_login(db, result, cipher=self.rt.cipher, policy=self.rt.policy).id
+        except sa.exc.DBAPIError:  # the database is restarting: the app shows an error page
+            self.tally.app_errors += 1
+            return
+        self.world.add(sid, result["refresh_token"]["id"], result["active_token"]["identity"])
+        self._emails[result["active_token"]["identity"]] = email
+        self.tally.logins += 1
+
+    def _believed_active(self) -> list[int]:
+        return sorted(set(self.world.ids) - self.world.doomed - self.world.leaving)
+
+    def _logout(self, event: plan.Event) -> None:
+        candidates = self._believed_active()
+        if not candidates:
+            return
+        sid = candidates[event.pick % len(candidates)]
+        ended: list[models.SessionState] = []
+        if self._app(lambda db: ended.append(sessions.logout(db, sid).state)):
+            # A session the worker revoked meanwhile stays revoked and owes Pangea nothing: the
+            # user was already signed out, so this is no logout of theirs to lose.
+            if ended == [models.SessionState.LOGGED_OUT]:
+                self.world.leaving.add(sid)
+            self.tally.logouts += 1
+
+    def _logout_user(self, event: plan.Event) -> None:
+        users = sorted({self.world.user_of[sid] for sid in self._believed_active()})
+        if not users:
+            return
+        user = users[event.pick % len(users)]
+        if self._app(lambda db: sessions.logout_user(db, user)):
+            self.world.leaving.update(self.world.sessions_of(user))
+            self._ban(user)
+            self.tally.user_logouts += 1
+
+    def _app(self, work: Callable[[Any], object]) -> bool:
+        """Run ``work`` in one transaction of the app's; False if the database was down."""
+        try:
+            with self.rt.sessions.begin() as db:
+                work(db)
+            return True
+        except sa.exc.DBAPIError:
+            self.tally.app_errors += 1
+            return False
+
+    def _ban(self, user_id: str) -> None:
+        self._banned.add(self._emails[user_id])
+
+    # --- what Pangea's admins do (real endpoints, confirmed even through faults) --------------------
+
+    def _pangea_invalidate(self, event: plan.Event) -> None:
+        candidates = self._believed_active()
+        if not candidates:
+            return
+        sid = candidates[event.pick % len(candidates)]
+        self.world.doomed.add(sid)  # from now on it is ended at Pangea: the call is retried until confirmed
+        self._pending.append(("/v2/session/invalidate", {"session_id": self.world._pangea_ids[sid]}))
+        self.tally.ended_at_pangea += 1
+
+    def _pangea_logout_user(self, event: plan.Event) -> None:
+        users = sorted({self.world.user_of[sid] for sid in self._believed_active()})
+        if not users:
+            return
+        user = users[event.pick % len(users)]
+        self.world.doomed.update(self.world.sessions_of(user))
+        self._ban(user)
+        self._pending.append(("/v2/session/logout", {"user_id": user}))
+        self.tally.ended_at_pangea += 1
+
+    def _pangea_call(self, path: str, body: dict[str, Any]) -> bool:
+        """Whether Pangea confirmed this ending (Success, or the session is already gone)."""
+        answer = self._post(path, body)
+        return answer is not None and answer.get("status") in ("Success", "InvalidToken", "ExpiredToken")
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Pangea's envelope, or None when no readable answer came back."""
+        try:
+            answer = self._pangea.post(path, json=body)
+            envelope: dict[str, Any] = answer.json()
+            return envelope
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    # --- faults -----------------------------------------------------------------------------------
+
+    def _pangea_faults(self, event: plan.Event) -> None:
+        self.emu.admin.faults(**event.faults)
+        self._fault_until = time.monotonic() + event.lasts
+        self.tally.pangea_windows += 1
+
+    def _kill_redis(self, down: float) -> None:
+        if not self._down["redis"].acquire(blocking=False):
+            return  # already down
+        try:
+            self.redis.kill()
+            self.tally.redis_kills += 1
+            time.sleep(down)
+            self.redis.start()
+        finally:
+            self._down["redis"].release()
+
+    def _restart_postgres(self, down: float) -> None:
+        assert self.postgres is not None
+        if not self._down["postgres"].acquire(blocking=False):
+            return
+        try:
+            _pg_ctl("stop", self.postgres)
+            self.tally.postgres_restarts += 1
+            time.sleep(down)
+        finally:
+            _pg_ctl("start", self.postgres)
+            self._down["postgres"].release()
