@@ -122,7 +122,10 @@ def _processes(rng: random.Random, seconds: float, workers: int, postgres: bool)
         Event(rng.uniform(3, seconds - 3), "kill_worker", pick=rng.randrange(workers), lasts=rng.uniform(0.5, 5))
         for _ in range(max(2, round(seconds / 12)))
     ]
-    events += [Event(rng.uniform(3, seconds - 3), "kill_beat", lasts=rng.uniform(1, 6)) for _ in range(1)]
+    events += [
+        Event(rng.uniform(3, seconds - 3), "kill_beat", lasts=rng.uniform(1, 6))
+        for _ in range(max(1, round(seconds / 60)))
+    ]
     events += [
         Event(rng.uniform(3, seconds - 6), "kill_redis", lasts=rng.uniform(1.5, 5))
         for _ in range(max(1, round(seconds / 30)))

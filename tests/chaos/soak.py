@@ -169,7 +169,8 @@ class Soak:
         self.fleet = Fleet(self.env, workdir, slots or [{} for _ in range(workers)])
         self.tally = Tally()
         self._rng = random.Random(the_plan.seed)
-        self._users = [f"u{i}@chaos.example" for i in range(200)]
+        # Enough users that the ones logged out everywhere (never to return, see _ban) never run out
+        self._users = [f"u{i}@chaos.example" for i in range(max(200, round(the_plan.seconds * 0.6)))]
         self._banned: set[str] = set()  # users logged out everywhere: a late user-wide logout would end a new login
         self._emails: dict[str, str] = {}  # Pangea user id -> email
         self._down = {"redis": threading.Lock(), "postgres": threading.Lock()}
@@ -291,6 +292,8 @@ class Soak:
     def _login(self, pick: int) -> None:
         """A user signs in on the hosted page; the app exchanges the code and records the session."""
         candidates = [u for u in self._users if u not in self._banned]
+        if not candidates:
+            return
         email = candidates[pick % len(candidates)]
         code = self.emu.admin.login(email, active_ttl=LIFETIMES[(pick >> 8) % len(LIFETIMES)])
         result = None
