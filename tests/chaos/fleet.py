@@ -108,10 +108,6 @@ class Fleet:
         if self.beat is None or self.beat.proc.poll() is not None:
             self.start_beat()
 
-    def outputs(self) -> str:
-        """Every log line of every process this fleet ever ran."""
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*/*.log")))
-
     def close(self) -> None:
         for proc in [*self.workers, self.beat]:
             if proc is not None:
