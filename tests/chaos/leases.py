@@ -2,7 +2,8 @@
 
 A trigger on ``sessions`` notes, by the database's clock (``clock_timestamp()``), when each claim
 was granted or extended and how long its holder believes it lasts (the settings' lease, or the
-refresh lease after ``begin_refresh``). A claim that replaces another one before that time has
+refresh lease once ``begin_refresh`` took the refresh hold: the holder's own compare-and-swap,
+which moves the row's version, as a claim never does). A claim that replaces another one before that time has
 passed is a lease taken from under a live holder: with the host clocks right it never happens;
 with one host's clock fast (it sees every lease as lapsed) or slow (its leases lapse, for the
 others, the moment it takes them) it does. The host clocks never enter the measure.
@@ -32,6 +33,12 @@ DECLARE
 BEGIN
     IF NEW.claim_token IS NULL THEN
         DELETE FROM chaos_leases WHERE session_id = NEW.id;
+    ELSIF NEW.version IS DISTINCT FROM OLD.version THEN
+        -- The holder's own compare-and-swap (the refresh hold, matched on its claim and version):
+        -- the lease goes on, now as long as a refresh may take. A claim never moves the version.
+        INSERT INTO chaos_leases VALUES (NEW.id, NEW.claim_token, clock_timestamp(), interval '{refresh_lease}')
+        ON CONFLICT (session_id) DO UPDATE
+        SET claim_token = EXCLUDED.claim_token, granted_at = EXCLUDED.granted_at, lasts = EXCLUDED.lasts;
     ELSIF NEW.claim_token IS DISTINCT FROM OLD.claim_token THEN
         SELECT * INTO held FROM chaos_leases WHERE session_id = NEW.id;
         IF FOUND AND held.claim_token = OLD.claim_token AND held.granted_at + held.lasts > clock_timestamp() THEN
@@ -43,9 +50,6 @@ BEGIN
         INSERT INTO chaos_leases VALUES (NEW.id, NEW.claim_token, clock_timestamp(), interval '{lease}')
         ON CONFLICT (session_id) DO UPDATE
         SET claim_token = EXCLUDED.claim_token, granted_at = EXCLUDED.granted_at, lasts = EXCLUDED.lasts;
-    ELSIF NEW.claimed_until IS DISTINCT FROM OLD.claimed_until THEN
-        UPDATE chaos_leases SET granted_at = clock_timestamp(), lasts = interval '{refresh_lease}'
-        WHERE session_id = NEW.id;
     END IF;
     RETURN NULL;
 END $$;

@@ -19,12 +19,14 @@ CHECKS = ["/v2/client/token/check", "/v2/session/list"]
 LOGOUTS = ["/v2/client/session/logout", "/v2/session/logout"]
 
 #: What the app and Pangea do while the faults run, with their weights (about 3 a second in all).
+#: Endings balance logins (a user-wide ending ends one or two sessions), so however long the run,
+#: the sessions stay about as many as at the start and keep being refreshed.
 ACTIONS = {
-    "login": 30,  # a user logs in (hosted page, userinfo exchange, record_login)
-    "logout": 25,  # the app logs one session out (worker.sessions.logout)
-    "logout_user": 4,  # the app logs a user out everywhere (worker.sessions.logout_user)
-    "pangea_invalidate": 25,  # an admin ends one session at Pangea (/v2/session/invalidate)
-    "pangea_logout_user": 4,  # an admin ends a user's sessions at Pangea (/v2/session/logout)
+    "login": 40,  # a user logs in (hosted page, userinfo exchange, record_login)
+    "logout": 16,  # the app logs one session out (worker.sessions.logout)
+    "logout_user": 2,  # the app logs a user out everywhere (worker.sessions.logout_user)
+    "pangea_invalidate": 16,  # an admin ends one session at Pangea (/v2/session/invalidate)
+    "pangea_logout_user": 2,  # an admin ends a user's sessions at Pangea (/v2/session/logout)
 }
 ACTIONS_PER_SECOND = 3.0
 #: Pangea's failure modes, as ``/emulator/faults`` takes them (latency may come on top of each).
