@@ -108,6 +108,15 @@ class Fleet:
         if self.beat is None or self.beat.proc.poll() is not None:
             self.start_beat()
 
+    def stop(self) -> None:
+        """Warm shutdown of every process at once (SIGTERM: running tasks finish, answers are stored)."""
+        procs = [p for p in [*self.workers, self.beat] if p is not None]
+        threads = [threading.Thread(target=p.kill, args=(signal.SIGTERM,)) for p in procs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
     def close(self) -> None:
         for proc in [*self.workers, self.beat]:
             if proc is not None:

@@ -191,6 +191,8 @@ class Soak:
         self._wait_until(started + self.plan.seconds)
         healed = self._heal()
         recovered = self._recover(healed)
+        # Judge a still world: a refresh in flight would show as Pangea ahead of our row
+        self.fleet.stop()
         return self._judge(recovered)
 
     def close(self) -> None:
@@ -270,6 +272,10 @@ class Soak:
             "worker_kills": self.fleet.kills["worker"],
             "beat_kills": self.fleet.kills["beat"],
         } | {k: v for k, v in self.tally.__dict__.items() if v}
+        with self.rt.sessions() as db:  # a tripped guard holds revocations until an operator confirms
+            guard = db.get(models.RevocationGuard, 1)
+        if guard is not None and guard.tripped_at is not None:
+            notes["guard_tripped"] = f"{guard.tripped_at:%H:%M:%S} ({guard.would_revoke} of {guard.checked})"
         if notes["leases_taken_live"]:
             notes["taken_by_clock"] = leases.by_clock(self.rt.db_engine, lease=self.rt.settings.lease)
         return Figures(**{**figures.__dict__, "notes": notes})
