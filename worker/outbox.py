@@ -420,10 +420,10 @@ def kick_after_commit(db: orm.Session, kick: Kick = None) -> None:
     ``SESSION_SYNC_OUTBOX_KICK`` not off), True always, False never; a callable is called instead
     (an app with its own Celery app, tests). Failures are logged, never raised: the row is the truth.
     """
-    sender = _sender(kick)
-    if sender is None:
+    found = sender(kick)
+    if found is None:
         return
-    db.info[_KICK_KEY] = sender
+    db.info[_KICK_KEY] = found
     if not event.contains(db, "after_commit", _after_commit):
         event.listen(db, "after_commit", _after_commit)
         event.listen(db, "after_rollback", _after_rollback)
@@ -448,7 +448,8 @@ def broker_configured(env: Mapping[str, str] | None = None) -> bool:
         return False
 
 
-def _sender(kick: Kick) -> Callable[[], object] | None:
+def sender(kick: Kick) -> Callable[[], object] | None:
+    """What ``kick`` sends after a commit (None: nothing); also for glue whose commit is not SQLAlchemy's (Django)."""
     if kick is False:
         return None
     if kick is True:
@@ -459,11 +460,15 @@ def _sender(kick: Kick) -> Callable[[], object] | None:
 
 
 def _after_commit(db: orm.Session) -> None:
-    sender = db.info.pop(_KICK_KEY, None)
-    if sender is None:
-        return
+    found = db.info.pop(_KICK_KEY, None)
+    if found is not None:
+        send_kick(found)
+
+
+def send_kick(kick: Callable[[], object]) -> None:
+    """Call ``kick``, logging a failure instead of raising: the row is the truth, the periodic run delivers it."""
     try:
-        sender()
+        kick()
     except (Exception, SystemExit) as exc:  # worker.celery exits on a bad setting; never take the app down
         logger.warning(
             "Could not kick logout delivery (%s); the periodic run will deliver it",
