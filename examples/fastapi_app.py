@@ -13,8 +13,9 @@ then get a code as the hosted login page would hand it over, and follow the redi
     curl -c jar "localhost:8000/callback?code=$code" && curl -b jar localhost:8000/me
 
 Routes: ``/callback?code=pmc_...`` (``&style=bearer`` returns the active token instead of setting
-the cookie), ``/me`` (protected), ``POST /logout``. The worker (``session-sync worker``) keeps the
-sessions true to Pangea and delivers the logouts this app queues.
+the cookie), ``/me`` (protected by the FastAPI dependency), ``/whoami`` (protected by Starlette's own
+``AuthenticationMiddleware`` and ``@requires``, with ``worker.web.starlette``'s backend), ``POST /logout``.
+The worker (``session-sync worker``) keeps the sessions true to Pangea and delivers the logouts this app queues.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from typing import Any
 
 import fastapi
 from fastapi import responses
+from starlette import authentication
 
 from worker import authn, crypto, db, decisions, errors, sessions, web
 from worker.settings import Settings
+from worker.web import fastapi as session_sync
+from worker.web import starlette as starlette_glue
 
 #: Realm in this app's ``WWW-Authenticate`` answers.
 REALM = "example"
@@ -39,9 +43,13 @@ def create_app(settings: Settings | None = None) -> fastapi.FastAPI:
     cipher = crypto.TokenCipher.from_settings(settings)
     policy = decisions.Policy.from_settings(settings)
     client = authn.AuthnClient.from_settings(settings)  # a client token (pcl_) is enough for userinfo
-    guard = web.Guard(db=maker, cipher=cipher, realm=REALM)
-    current = fastapi.Depends(web.fastapi_dependency(guard))  # a default, not Annotated: routes are local
-    app = fastapi.FastAPI(title="session-sync example")
+    guard = web.Guard(db=maker, cipher=cipher, realm=REALM, grace=settings.refresh_grace)
+    current = fastapi.Depends(session_sync.dependency(guard))  # a default, not Annotated: routes are local
+    app = fastapi.FastAPI(
+        title="session-sync example",
+        middleware=starlette_glue.middleware(guard),  # request.user / request.auth for @requires
+        exception_handlers=starlette_glue.exception_handlers(guard),  # every 401 gets the RFC 6750 challenge
+    )
 
     def record(userinfo: dict[str, Any]) -> sessions.Login:
         with maker.begin() as s:
@@ -70,6 +78,12 @@ def create_app(settings: Settings | None = None) -> fastapi.FastAPI:
         """A protected route."""
         checked = session.last_checked_at.isoformat() if session.last_checked_at else None
         return {"user_id": session.user_id, "email": session.email, "last_checked_at": checked}
+
+    @app.get("/whoami")
+    @authentication.requires(starlette_glue.AUTHENTICATED, status_code=401)
+    def whoami(request: fastapi.Request) -> dict[str, Any]:
+        """A route protected by Starlette's own authentication: ``request.user`` and ``request.auth``."""
+        return {"user_id": request.user.identity, "email": request.user.display_name, "id": request.auth.session.id}
 
     @app.post("/logout")
     def logout(session: sessions.Authenticated = current) -> responses.JSONResponse:

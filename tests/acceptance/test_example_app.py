@@ -1,6 +1,7 @@
 """The example app (``examples/fastapi_app.py``) over real HTTP, in its own uvicorn process.
 
-A user logs in through the hosted-login callback, reaches a protected route, is killed at Pangea
+A user logs in through the hosted-login callback, reaches protected routes (the FastAPI dependency,
+and Starlette's own AuthenticationMiddleware with ``@requires``), is killed at Pangea
 and refused after the next sweep with the RFC 6750 answer; a Bearer client keeps working across
 a worker refresh (the old token for the grace period, with the new one handed back) and logs out,
 and the outbox delivers the logout to Pangea.
@@ -89,9 +90,12 @@ def test_example_app_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmu
     mine = browser.get("/me")
     theirs = api.get("/me", headers={"Authorization": f"Bearer {old_token}"})
 
-    # Then both are let in, and the app asked Pangea nothing
+    # Then both are let in, also where Starlette's AuthenticationMiddleware and @requires guard the route
     assert (mine.status_code, mine.json()["email"]) == (200, "ann@example.com")
     assert (theirs.status_code, theirs.json()["email"]) == (200, "bob@example.com")
+    whoami = browser.get("/whoami").json()
+    assert whoami == {"user_id": row(rt, ann).user_id, "email": "ann@example.com", "id": ann}
+    # ... and the app asked Pangea nothing
     assert emu.admin.stats() == before
 
     # When Pangea kills Ann's session and the worker sweeps, refreshing Bob's token on the way
@@ -107,9 +111,11 @@ def test_example_app_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmu
     assert refused.headers["www-authenticate"] == (
         'Bearer realm="example", error="invalid_token", error_description="The session was revoked"'
     )
+    assert browser.get("/whoami").headers["www-authenticate"] == refused.headers["www-authenticate"]
     # ... and a request with no credentials gets the bare challenge (RFC 6750 section 3.1)
-    bare = httpx.get(f"{app_url}/me")
-    assert (bare.status_code, bare.headers["www-authenticate"]) == (401, 'Bearer realm="example"')
+    for path in ("/me", "/whoami"):
+        bare = httpx.get(f"{app_url}{path}")
+        assert (bare.status_code, bare.headers["www-authenticate"]) == (401, 'Bearer realm="example"'), path
 
     # When Bob, inside the grace period, still sends the token the worker replaced
     new_token = active_token(rt, bob)
@@ -118,6 +124,8 @@ def test_example_app_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmu
 
     # Then he is let in and handed the new token, which works on its own
     assert within.status_code == 200 and within.headers["x-session-token"] == new_token
+    via_starlette = api.get("/whoami", headers={"Authorization": f"Bearer {old_token}"})
+    assert via_starlette.status_code == 200 and via_starlette.headers["x-session-token"] == new_token
     fresh = api.get("/me", headers={"Authorization": f"Bearer {new_token}"})
     assert fresh.status_code == 200 and "x-session-token" not in fresh.headers
 

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from tests.conftest import RunningEmulator
 from tests.helpers import active_token, login, row
 from worker import errors, models, runtime, sessions, web
+from worker.web import asgi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,7 +212,7 @@ def test_asgi_middleware(make_runtime: Any, emu: RunningEmulator) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": body})
 
-    app = web.SessionMiddleware(inner, guard, protect=("/private",))
+    app = asgi.SessionSyncMiddleware(inner, guard, protect=("/private",))
 
     async def get(path: str, **headers: str) -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
@@ -229,12 +230,55 @@ def test_asgi_middleware(make_runtime: Any, emu: RunningEmulator) -> None:
     assert gone.headers["www-authenticate"].endswith('error_description="The session was logged out"')
 
 
+def test_the_old_middleware_name_still_works_and_says_it_is_renamed() -> None:
+    # When an app still uses worker.web.SessionMiddleware (it clashed with Starlette's)
+    with pytest.warns(DeprecationWarning, match="renamed worker.web.asgi.SessionSyncMiddleware"):
+        old = web.SessionMiddleware
+    # Then it is the renamed class, for one more release
+    assert old is asgi.SessionSyncMiddleware
+
+
+FRAMEWORKS = "{'fastapi', 'flask', 'starlette', 'django', 'rest_framework', 'flask_login', 'flask_sqlalchemy'}"
+
+
 def test_importing_the_package_imports_no_web_framework() -> None:
-    # When the package, the sessions API and the glue are imported in a fresh interpreter
-    code = "import sys, worker, worker.sessions, worker.web; print(sorted({'fastapi', 'flask'} & set(sys.modules)))"
+    # When the package, the sessions API and the shared glue are imported in a fresh interpreter
+    imports = "worker, worker.sessions, worker.web, worker.web.asgi"
+    code = f"import sys, {imports}; print(sorted({FRAMEWORKS} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # Then neither FastAPI nor Flask was loaded
+    # Then no web framework was loaded
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("module", "framework"),
+    [
+        ("worker.web.django", "flask"),
+        ("worker.web.flask", "django"),
+        ("worker.web.starlette", "flask"),
+        ("worker.web.fastapi", "django"),
+    ],
+)
+def test_each_glue_imports_only_its_own_framework(module: str, framework: str) -> None:
+    # When one framework's glue is imported
+    code = f"import sys, {module}; print('{framework}' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # Then another framework was not loaded with it
+    assert out.strip() == "False"
+
+
+def test_framework_settings_win_over_the_environment() -> None:
+    # Given the environment and a framework's configuration (Django settings, Flask app.config)
+    env = {"SESSION_SYNC_REFRESH_GRACE": "5m", "SESSION_SYNC_CHECK_INTERVAL": "7m"}
+    config = {"SESSION_SYNC_REFRESH_GRACE": timedelta(seconds=30), "DEBUG": True, "SESSION_SYNC_OUTBOX_KICK": False}
+    # When the worker's settings are read from both
+    settings = web.settings_from(config, env)
+    # Then the configuration wins, the environment fills in, and foreign keys are ignored
+    assert (settings.refresh_grace, settings.check_interval) == (timedelta(seconds=30), timedelta(minutes=7))
+    assert settings.outbox_kick is False
+    # ... and a bad value is refused naming the variable
+    with pytest.raises(errors.ConfigError, match="SESSION_SYNC_REFRESH_GRACE"):
+        web.settings_from({"SESSION_SYNC_REFRESH_GRACE": "soon"}, env)
 
 
 def test_authenticate_by_id_checks_expiry(make_runtime: Any, emu: RunningEmulator) -> None:

@@ -41,6 +41,8 @@ REALM_SETTING = "SESSION_SYNC_REALM"
 #: Framework setting naming the cookie that holds the handle.
 COOKIE_SETTING = "SESSION_SYNC_COOKIE"
 
+#: Where ASGI glue keeps the request's :class:`RequestAuth` in the scope (one check per request, however many glues).
+SCOPE_KEY = "session_sync"
 #: What a Guard opens per request: an ORM session, closed on exit (a ``sessionmaker`` is one).
 SessionFactory = Callable[[], AbstractContextManager[orm.Session]]
 

@@ -24,11 +24,15 @@ def request_credentials(scope: _Scope, cookie_name: str) -> tuple[str | None, st
 
 
 def with_token_header(send: _Send, token: Callable[[], str | None]) -> _Send:
-    """``send``, adding ``X-Session-Token`` to the response start when ``token()`` has one by then."""
+    """``send``, adding ``X-Session-Token`` to the response start when ``token()`` has one by then (and no
+    inner glue, e.g. the FastAPI dependency, set it already)."""
+    name = TOKEN_HEADER.lower().encode()
 
     async def sending(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start" and (value := token()):
-            message["headers"] = [*message.get("headers", []), (TOKEN_HEADER.lower().encode(), value.encode())]
+            headers = list(message.get("headers", []))
+            if all(key.lower() != name for key, _ in headers):
+                message["headers"] = [*headers, (name, value.encode())]
         await send(message)
 
     return sending

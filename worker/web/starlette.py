@@ -24,10 +24,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker import sessions
-from worker.web import Guard, RequestAuth, asgi
+from worker.web import SCOPE_KEY, Guard, RequestAuth, asgi
 
-#: Where the request's :class:`worker.web.RequestAuth` is kept in the ASGI scope.
-SCOPE_KEY = "session_sync"
 #: The scope a live session grants (``@requires("authenticated")``).
 AUTHENTICATED = "authenticated"
 
