@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import django
 import sqlalchemy as sa
 
 
@@ -12,12 +13,10 @@ def database(url: str) -> dict[str, Any]:
     """Django's ``DATABASES["default"]`` for a SQLAlchemy-style URL (``sqlite:///...`` or ``postgresql://...``)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        # IMMEDIATE: take the write lock when the transaction starts, so the worker's writes wait, not fail.
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": parsed.database,
-            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
-        }
+        options: dict[str, Any] = {"timeout": 30}
+        if django.VERSION >= (5, 1):  # take the write lock up front, so concurrent writers wait instead of failing
+            options["transaction_mode"] = "IMMEDIATE"
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": parsed.database, "OPTIONS": options}
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": parsed.database,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.acceptance.harness import ROOT, wait_for
-from tests.conftest import RunningEmulator
+from tests.conftest import RunningEmulator, require
 from tests.helpers import KEY
 
 #: The grace period the example apps run with (seconds), short so a test can outlive it.
@@ -31,6 +32,12 @@ def app_env(db_url: str, emu: RunningEmulator, home: Path, **extra: str) -> dict
         "SESSION_SYNC_REFRESH_GRACE": f"{GRACE}s",
         "SESSION_SYNC_REFRESH_MARGIN": "10s",
     } | extra
+
+
+def require_modules(*names: str) -> None:
+    """Skip (fail in CI) unless the example's framework packages are installed (they come with ``.[test]``)."""
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    require(not missing, f"{', '.join(missing)} not installed (pip install -e '.[test]')")
 
 
 def _up(url: str) -> bool:

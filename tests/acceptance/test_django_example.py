@@ -21,14 +21,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.example_server import GRACE, app_env, serve
+from tests.acceptance.example_server import GRACE, app_env, require_modules, serve
 from tests.acceptance.harness import ROOT
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import KEY, active_token, row
 from worker import crypto, db, models, runtime, wire
-
-pytest.importorskip("django", reason="the [django] extra is not installed")
-pytest.importorskip("rest_framework", reason="djangorestframework is not installed")
 
 SETTINGS = "examples.django_project.settings"
 
@@ -36,6 +33,7 @@ SETTINGS = "examples.django_project.settings"
 @pytest.fixture
 def app_url(db_url: str, emu: RunningEmulator, tmp_path: Path) -> Iterator[str]:
     """The example project: migrated (its own tables), then served by Django's runserver."""
+    require_modules("django", "rest_framework")
     port = free_port()
     env = app_env(db_url, emu, tmp_path, DJANGO_SETTINGS_MODULE=SETTINGS)
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v0"], cwd=ROOT, env=env, check=True)

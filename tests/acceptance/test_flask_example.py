@@ -18,13 +18,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.example_server import GRACE, app_env, serve
+from tests.acceptance.example_server import GRACE, app_env, require_modules, serve
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import active_token, row
 from worker import models, runtime, wire
-
-pytest.importorskip("flask_login", reason="flask-login is not installed")
-pytest.importorskip("flask_sqlalchemy", reason="flask-sqlalchemy is not installed")
 
 COOKIE = "session_sync"
 
@@ -32,6 +29,7 @@ COOKIE = "session_sync"
 @pytest.fixture
 def app_url(db_url: str, emu: RunningEmulator, tmp_path: Path) -> Iterator[str]:
     """The example app, served by Flask's development server in a subprocess."""
+    require_modules("flask_login", "flask_sqlalchemy")
     port = free_port()
     argv = [sys.executable, "-m", "flask", "--app", "examples.flask_app:create_app", "run", "--port", str(port)]
     with serve(argv, app_env(db_url, emu, tmp_path), port, tmp_path / "app.log") as url:
