@@ -8,6 +8,7 @@ Run it against the emulator (the FastAPI example's docstring shows the code exch
 
 Routes: ``/callback?code=pmc_...`` (``&style=bearer`` returns the active token instead of setting the
 cookie), ``/me`` (``session_required``), ``/profile`` (``SessionRequiredMixin``), ``/api/me`` (Django
-REST framework), ``POST /logout``. The callback and the logout write the app's own rows in the same
-``transaction.atomic()`` as the session and its outbox row.
+REST framework), ``POST /logout``, ``POST /logout/everywhere`` (every session of the user). The
+callback and the logout write the app's own rows in the same ``transaction.atomic()`` as the
+session and its outbox row.
 """

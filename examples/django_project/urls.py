@@ -12,4 +12,5 @@ urlpatterns = [
     path("profile", views.ProfileView.as_view()),
     path("api/me", views.ApiMe.as_view()),
     path("logout", views.logout),
+    path("logout/everywhere", views.logout_everywhere),
 ]

@@ -92,3 +92,15 @@ def logout(request: http.HttpRequest) -> http.HttpResponse:
     answer = http.JsonResponse({"logged_out": True})
     answer.delete_cookie(session_sync.guard().cookie)
     return answer
+
+
+@require_POST
+@session_sync.session_required
+def logout_everywhere(request: http.HttpRequest) -> http.HttpResponse:
+    """End every session of the user here, and at Pangea (one ``/v2/session/logout``)."""
+    session = request.session_sync.require()  # type: ignore[attr-defined]
+    with transaction.atomic():
+        ended = session_sync.logout_user(session.user_id)
+    answer = http.JsonResponse({"logged_out": list(ended.session_ids)})
+    answer.delete_cookie(session_sync.guard().cookie)
+    return answer

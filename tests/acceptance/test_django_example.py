@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import sqlalchemy as sa
 
 from tests.acceptance.example_server import GRACE, app_env, require_modules, serve
@@ -31,15 +32,24 @@ SETTINGS = "examples.django_project.settings"
 
 
 @pytest.fixture
-def app_url(db_url: str, emu: RunningEmulator, tmp_path: Path) -> Iterator[str]:
-    """The example project: migrated (its own tables), then served by Django's runserver."""
+def app_url(db_url: str, emu: RunningEmulator, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """The example project: migrated (its own tables), then served by Django's runserver, kicking through Redis."""
     require_modules("django", "rest_framework")
     port = free_port()
-    env = app_env(db_url, emu, tmp_path, DJANGO_SETTINGS_MODULE=SETTINGS)
+    env = app_env(db_url, emu, tmp_path, DJANGO_SETTINGS_MODULE=SETTINGS, CELERY_BROKER_URL=redis_url)
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     argv = [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", "--noreload", "--skip-checks"]
     with serve(argv, env, port, tmp_path / "app.log") as url:
         yield url
+
+
+def kicks(redis_url: str) -> int:
+    """Delivery kicks waiting in the broker: Celery messages in any queue (each a Redis list)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(int(client.llen(key)) for key in client.scan_iter() if client.type(key) == b"list")
+    finally:
+        client.close()
 
 
 def session_id_of(rt: runtime.Runtime, email: str) -> int:
@@ -52,7 +62,7 @@ def count(rt: runtime.Runtime, table: str, where: str = "1 = 1") -> int:
         return int(s.execute(sa.text(f"SELECT count(*) FROM {table} WHERE {where}")).scalar_one())
 
 
-def test_django_example_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmulator) -> None:
+def test_django_example_end_to_end(app_url: str, make_runtime: Any, emu: RunningEmulator, redis_url: str) -> None:
     rt = make_runtime()  # the worker's side, on the same database and keys
     browser = httpx.Client(base_url=app_url)
     api = httpx.Client(base_url=app_url)
@@ -118,16 +128,18 @@ def test_django_example_end_to_end(app_url: str, make_runtime: Any, emu: Running
     # When Bob's logout fails after ending the session, inside its transaction.atomic()
     failed = api.post("/logout", params={"fail": "1"}, headers=bearer)
 
-    # Then everything rolled back: he is still in, nothing is queued, the app noted nothing
+    # Then everything rolled back: he is still in, nothing is queued or kicked, the app noted nothing
     assert failed.status_code == 500
     assert api.get("/me", headers=bearer).status_code == 200
     assert count(rt, "logout_outbox") == 0
     assert count(rt, "django_project_logoutnote") == 0
+    assert kicks(redis_url) == 0
 
     # When he logs out for real and the outbox delivers
     assert api.post("/logout", headers=bearer).status_code == 200
     assert count(rt, "logout_outbox", "state = 'pending'") == 1
     assert count(rt, "django_project_logoutnote") == 1
+    assert kicks(redis_url) == 1  # sent on commit, so the worker delivers it at once
     delivered = rt.run(rt.delivery.drain())
 
     # Then the app refuses him, and Pangea no longer knows his token
@@ -166,8 +178,6 @@ def test_django_path_writes_the_database_contract(app_url: str, db_url: str, emu
         ended = conn.execute(sa.text("SELECT * FROM sessions")).mappings().one()
         queued = conn.execute(sa.text("SELECT * FROM logout_outbox")).mappings().one()
         trail = conn.execute(sa.text("SELECT * FROM session_events")).mappings().all()
-    engine.dispose()
-    client.close()
 
     # Then the session ended as the contract says, with one outbox row and one audit row
     assert (ended["state"], ended["end_reason"]) == ("logged_out", "user_logout")
@@ -179,3 +189,19 @@ def test_django_path_writes_the_database_contract(app_url: str, db_url: str, emu
     assert queued["next_attempt_at"] is not None
     events = [(e["session_id"], e["action"], e["reason"]) for e in trail]
     assert events == [(written["id"], "logged_out", "user_logout")]
+
+    # When Bob, logged in twice, logs out everywhere
+    codes = [emu.admin.login("bob@example.com") for _ in range(2)]
+    tokens = [client.get("/callback", params={"code": c, "style": "bearer"}).json()["access_token"] for c in codes]
+    everywhere = client.post("/logout/everywhere", headers={"Authorization": f"Bearer {tokens[0]}"})
+    with engine.connect() as conn:
+        bobs = conn.execute(sa.text("SELECT * FROM sessions WHERE email = 'bob@example.com'")).mappings().all()
+        user_event = conn.execute(sa.text("SELECT * FROM logout_outbox WHERE kind = 'user'")).mappings().one()
+
+    # Then both sessions ended, and one user logout is queued, without a token
+    assert sorted(everywhere.json()["logged_out"]) == sorted(b["id"] for b in bobs)
+    assert {(b["state"], b["end_reason"]) for b in bobs} == {("logged_out", "user_logout")}
+    assert (user_event["user_id"], user_event["session_id"]) == (bobs[0]["user_id"], None)
+    assert user_event["token_enc"] is None and user_event["state"] == "pending"
+    engine.dispose()
+    client.close()
