@@ -24,9 +24,8 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from django import http
 from django.conf import settings as django_settings
-from django.core import exceptions
+from django.core import exceptions, signals
 from django.db import connections, transaction
-from django.test import signals as test_signals
 from sqlalchemy import orm, pool
 from sqlalchemy.dialects import sqlite
 
@@ -178,7 +177,7 @@ def _forget(**_: Any) -> None:
         _engines.clear()
 
 
-test_signals.setting_changed.connect(_forget, weak=False)
+signals.setting_changed.connect(_forget, weak=False)  # override_settings in the app's tests
 
 
 # --- logins and logouts, in the caller's transaction ----------------------------------------------------
