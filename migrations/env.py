@@ -25,6 +25,11 @@ def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str
     return False
 
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate and ``alembic check`` compare only our tables: an app's own tables are not ours to drop."""
+    return type_ != "table" or name in target_metadata.tables
+
+
 def database_url() -> str:
     """The URL set by ``worker.db.alembic_config``, else ``sqlalchemy.url``, else ``DATABASE_URL``."""
     url = config.attributes.get("sqlalchemy.url") or config.get_alembic_option("sqlalchemy.url")
@@ -38,6 +43,7 @@ def run_migrations_offline(url: str) -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
+        version_table=db.VERSION_TABLE,
         render_as_batch=db.is_sqlite(url),
         render_item=render_item,
     )
@@ -53,6 +59,9 @@ def run_migrations(connection: sa.Connection) -> None:
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        # Our own version table: an app's Alembic history in `alembic_version` is never read or written.
+        version_table=db.VERSION_TABLE,
+        include_name=include_name,
         render_as_batch=sqlite,  # SQLite alters tables by copying them
         # worker.db makes SQLite DDL transactional too: a failed upgrade leaves no half-built schema.
         transactional_ddl=True,
@@ -60,6 +69,11 @@ def run_migrations(connection: sa.Connection) -> None:
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+        ours = {script.revision for script in context.script.walk_revisions()}
+        if (moved := db.adopt_legacy_version(connection, ours)) is not None:
+            logging.getLogger("alembic.runtime.migration").info(
+                "Moved revision %s from %s to %s", moved, db.LEGACY_VERSION_TABLE, db.VERSION_TABLE
+            )
         context.run_migrations()
         if sqlite:
             # Foreign keys are off while tables are rebuilt; make sure the result still honours them.

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event, orm
 
-#: The repository top level: ``pyproject.toml`` and ``migrations/`` sit beside the package.
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-#: Alembic's script directory (``env.py``, ``versions/``).
-MIGRATIONS_DIR = PROJECT_DIR / "migrations"
+if TYPE_CHECKING:  # Alembic is imported where it is used: a web app importing worker.sessions never loads it
+    from alembic.config import Config
+
+#: The package directory; an installed wheel carries the migrations here, in ``worker/migrations``.
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: The repository top level: ``pyproject.toml`` and ``migrations/`` (the source) sit beside the package.
+PROJECT_DIR = PACKAGE_DIR.parent
+#: Alembic's script directory (``env.py``, ``versions/``): the wheel's copy, else the checkout's source.
+MIGRATIONS_DIR = (
+    PACKAGE_DIR / "migrations" if (PACKAGE_DIR / "migrations" / "env.py").exists() else PROJECT_DIR / "migrations"
+)
+#: Our own Alembic version table, so an app's own Alembic history in the same database is never touched.
+VERSION_TABLE = "session_sync_alembic_version"
+#: Alembic's default version table, where releases before 0.2 recorded our revision.
+LEGACY_VERSION_TABLE = "alembic_version"
 #: How long a SQLite statement waits for another connection's write lock before failing.
 DEFAULT_SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Execution option naming how SQLite transactions begin: ``"DEFERRED"`` (default) or ``"IMMEDIATE"``.
@@ -98,9 +105,12 @@ def session_factory(engine: sa.Engine, *, immediate: bool = False) -> orm.sessio
 def alembic_config(url: str) -> Config:
     """Alembic's configuration: ``[tool.alembic]`` from ``pyproject.toml``, migrating ``url``.
 
-    ``script_location`` is set to this checkout's ``migrations/`` so it works from any directory;
-    ``migrations/env.py`` reads the URL from ``config.attributes["sqlalchemy.url"]``.
+    ``script_location`` is set to :data:`MIGRATIONS_DIR` so it works from any directory, in a
+    checkout or an installed wheel (which has no ``pyproject.toml``); ``migrations/env.py`` reads
+    the URL from ``config.attributes["sqlalchemy.url"]``.
     """
+    from alembic.config import Config
+
     pyproject = PROJECT_DIR / "pyproject.toml"
     config = Config(toml_file=pyproject if pyproject.exists() else None)
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
@@ -110,26 +120,69 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at ``url`` up to ``revision``."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     """Migrate the database at ``url`` down to ``revision`` (``"base"``: drop everything)."""
+    from alembic import command
+
     command.downgrade(alembic_config(url), revision)
 
 
 def current_revision(url: str) -> str | None:
-    """The Alembic revision the database at ``url`` is at (None: never migrated)."""
+    """The Alembic revision the database at ``url`` is at (None: never migrated), from our version table."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
     finally:
         engine.dispose()
 
 
+def adopt_legacy_version(connection: sa.Connection, our_revisions: set[str]) -> str | None:
+    """Move our revision from Alembic's default ``alembic_version`` table into :data:`VERSION_TABLE`.
+
+    Releases before 0.2 recorded it there, where it breaks the app's own migrations ("Can't locate
+    revision"). Only rows naming one of ``our_revisions`` move; an app's own rows stay exactly as
+    they are, and the old table is dropped only when nothing of the app's was in it. Returns the
+    revision moved (None: nothing to do). Runs inside the migration's transaction.
+    """
+    inspector = sa.inspect(connection)
+    if not inspector.has_table(LEGACY_VERSION_TABLE):
+        return None
+    legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
+    rows = {str(v) for v in connection.execute(sa.select(legacy.c.version_num)).scalars()}
+    ours = rows & our_revisions
+    if not ours:
+        return None
+    if len(ours) > 1:
+        raise RuntimeError(f"{LEGACY_VERSION_TABLE} holds more than one session-sync revision: {sorted(ours)}")
+    revision = ours.pop()
+    target = sa.Table(
+        VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32), primary_key=True, nullable=False)
+    )
+    if inspector.has_table(VERSION_TABLE):
+        if connection.execute(sa.select(target.c.version_num)).first() is not None:
+            raise RuntimeError(f"both {LEGACY_VERSION_TABLE} and {VERSION_TABLE} hold a session-sync revision")
+    else:
+        target.create(connection)
+    connection.execute(target.insert().values(version_num=revision))
+    connection.execute(legacy.delete().where(legacy.c.version_num == revision))
+    if rows == {revision}:
+        connection.execute(sa.text(f"DROP TABLE {LEGACY_VERSION_TABLE}"))
+    return revision
+
+
 def head_revision() -> str:
     """The newest Alembic revision shipped with this code."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     if head is None:
         raise RuntimeError(f"no Alembic revisions in {MIGRATIONS_DIR}")

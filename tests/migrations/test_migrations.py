@@ -88,14 +88,14 @@ def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
 
     db.downgrade(empty_url, "base")
     assert db.current_revision(empty_url) is None
-    assert table_names(empty_url) == {"alembic_version"}
+    assert table_names(empty_url) == {db.VERSION_TABLE}
 
     db.upgrade(empty_url)
 
     # Then it ends at head with every table
     assert db.current_revision(empty_url) == db.head_revision()
     assert table_names(empty_url) == {
-        "alembic_version",
+        db.VERSION_TABLE,
         "sessions",
         "logout_outbox",
         "session_events",
