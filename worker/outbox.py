@@ -13,7 +13,7 @@ A worker that dies between 2 and 3 leaves its rows leased; when the lease lapses
 delivers them again, and Pangea answers InvalidToken, which counts as delivered: a second delivery
 has no second effect. Retry times live in ``next_attempt_at``, never in Celery countdowns.
 
-The kick: after the app's commit, :func:`kick_after_commit` sends ``session_sync.deliver_logouts`` so
+The kick: after the app's commit, :func:`worker.kick.kick_after_commit` sends ``session_sync.deliver_logouts`` so
 a logout reaches Pangea in about a second instead of at the next periodic run. A broker that is
 down or lost the message only delays delivery; the periodic task finds the row in the database.
 """
@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import event, orm
+from sqlalchemy import orm
 
-from worker import audit, authn, crypto, errors, guard, models, ratelimit, wire
+from worker import audit, authn, crypto, errors, guard, kick, models, ratelimit, wire
 from worker import outbox_decisions as od
 from worker import outbox_queries as oq
 from worker.settings import Settings
@@ -43,16 +42,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The Celery task that delivers due logouts (stable: other languages and Flower send it by name).
-TASK_NAME = "session_sync.deliver_logouts"
-#: Longest a kick message waits in the broker before it is dropped (the periodic run covers it).
-KICK_EXPIRES = 300.0
+TASK_NAME = kick.TASK_NAME
 #: How long one delivery run keeps claiming batches before it yields the worker to other tasks.
 DEFAULT_BUDGET = timedelta(seconds=60)
-
-#: What ``kick`` accepts: None (kick when a broker is configured), True, False, or a callable to call instead.
-Kick = bool | Callable[[], object] | None
-
-_KICK_KEY = "session_sync.outbox_kick"
 
 
 @dataclass(slots=True)
@@ -408,74 +400,3 @@ class _EndpointRefused(Exception):
 def _describe(exc: errors.SessionSyncError) -> str:
     """A failure for ``last_error``: its class and message (messages in our error tree never hold a token)."""
     return od.clip(f"{type(exc).__name__}: {exc}")
-
-
-# --- the kick after commit ------------------------------------------------------------------------
-
-
-def kick_after_commit(db: orm.Session, kick: Kick = None) -> None:
-    """Send ``session_sync.deliver_logouts`` once ``db`` commits (nothing on rollback).
-
-    ``kick``: None sends it when a broker is configured (``CELERY_BROKER_URL`` set and
-    ``SESSION_SYNC_OUTBOX_KICK`` not off), True always, False never; a callable is called instead
-    (an app with its own Celery app, tests). Failures are logged, never raised: the row is the truth.
-    """
-    found = sender(kick)
-    if found is None:
-        return
-    db.info[_KICK_KEY] = found
-    if not event.contains(db, "after_commit", _after_commit):
-        event.listen(db, "after_commit", _after_commit)
-        event.listen(db, "after_rollback", _after_rollback)
-
-
-def send_delivery_task() -> None:
-    """Send ``session_sync.deliver_logouts`` through the Celery app (``worker.celery``), without retrying."""
-    from worker import celery  # reads the settings once; importing it is the edge
-
-    celery.app.send_task(TASK_NAME, retry=False, expires=KICK_EXPIRES)
-
-
-def broker_configured(env: Mapping[str, str] | None = None) -> bool:
-    """Whether an automatic kick can reach a broker: CELERY_BROKER_URL set, kicks not switched off."""
-    env = os.environ if env is None else env
-    url = env.get("CELERY_BROKER_URL", "")
-    if not url or url.startswith("memory://"):
-        return False
-    try:
-        return Settings.from_env(env).outbox_kick
-    except errors.ConfigError:
-        return False
-
-
-def sender(kick: Kick) -> Callable[[], object] | None:
-    """What ``kick`` sends after a commit (None: nothing); also for glue whose commit is not SQLAlchemy's (Django)."""
-    if kick is False:
-        return None
-    if kick is True:
-        return send_delivery_task
-    if kick is None:
-        return send_delivery_task if broker_configured() else None
-    return kick
-
-
-def _after_commit(db: orm.Session) -> None:
-    found = db.info.pop(_KICK_KEY, None)
-    if found is not None:
-        send_kick(found)
-
-
-def send_kick(kick: Callable[[], object]) -> None:
-    """Call ``kick``, logging a failure instead of raising: the row is the truth, the periodic run delivers it."""
-    try:
-        kick()
-    except (Exception, SystemExit) as exc:  # worker.celery exits on a bad setting; never take the app down
-        logger.warning(
-            "Could not kick logout delivery (%s); the periodic run will deliver it",
-            type(exc).__name__,
-            extra={"action": "outbox_kick_failed"},
-        )
-
-
-def _after_rollback(db: orm.Session) -> None:
-    db.info.pop(_KICK_KEY, None)

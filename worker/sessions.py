@@ -30,7 +30,8 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite
 
-from worker import audit, crypto, decisions, errors, models, outbox, outbox_queries, sessions_pg, wire
+from worker import audit, crypto, decisions, errors, models, outbox_queries, sessions_pg, wire
+from worker import kick as kick_mod
 from worker.settings import Settings
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
@@ -58,21 +59,26 @@ DESCRIPTIONS = {
 
 
 @functools.cache
+def default_settings() -> Settings:
+    """The settings from the environment, read once per process (every default below comes from here)."""
+    return Settings.from_env()
+
+
+@functools.cache
 def default_cipher() -> crypto.TokenCipher:
     """The cipher from the environment (``SESSION_SYNC_ENCRYPTION_KEYS``), built once per process."""
-    return crypto.TokenCipher.from_settings(Settings.from_env())
+    return crypto.TokenCipher.from_settings(default_settings())
 
 
 @functools.cache
 def default_policy() -> decisions.Policy:
     """The worker's check and refresh knobs from the environment, so a login is first checked in time."""
-    return decisions.Policy.from_settings(Settings.from_env())
+    return decisions.Policy.from_settings(default_settings())
 
 
-@functools.cache
 def default_grace() -> timedelta:
     """How long a token the worker replaced still authenticates (``SESSION_SYNC_REFRESH_GRACE``)."""
-    return Settings.from_env().refresh_grace
+    return default_settings().refresh_grace
 
 
 def new_handle() -> str:
@@ -447,7 +453,7 @@ def logout(
     *,
     reason: str = DEFAULT_LOGOUT_REASON,
     now: datetime | None = None,
-    kick: outbox.Kick = None,
+    kick: kick_mod.Kick = None,
 ) -> models.LocalSession:
     """End a local session and queue its Pangea logout, in the caller's transaction (flushed, not committed).
 
@@ -455,7 +461,7 @@ def logout(
 
     Idempotent: a session that already ended is returned as it is, and nothing more is queued.
     Raises ``errors.UnknownSession`` when there is no such session. ``kick`` (see
-    ``worker.outbox.kick_after_commit``) starts delivery right after the commit.
+    ``worker.kick.kick_after_commit``) starts delivery right after the commit.
     """
     check_reason(reason)
     if not models.is_row_id(session_id):  # no row has it; binding it could even make the driver raise
@@ -467,7 +473,7 @@ def logout(
     else:
         queued = _logout_sqlite(db, session_id, reason=reason, now=now)
     if queued:
-        outbox.kick_after_commit(db, kick)
+        kick_mod.kick_after_commit(db, kick, settings=default_settings)
     # populate_existing: the row changed under any copy the ORM session holds.
     row = db.get(models.LocalSession, session_id, populate_existing=True)
     if row is None:
@@ -481,7 +487,7 @@ def logout_user(
     *,
     reason: str = DEFAULT_LOGOUT_REASON,
     now: datetime | None = None,
-    kick: outbox.Kick = None,
+    kick: kick_mod.Kick = None,
 ) -> UserLogout:
     """End every active local session of a user and queue one ``/v2/session/logout`` for them.
 
@@ -503,7 +509,7 @@ def logout_user(
     if done is None:
         raise errors.UnknownSession(f"no local session for user {_shown(user_id)}")
     ended, event_id = done
-    outbox.kick_after_commit(db, kick)
+    kick_mod.kick_after_commit(db, kick, settings=default_settings)
     return UserLogout(user_id=user_id, session_ids=tuple(ended), event_id=event_id)
 
 

@@ -30,7 +30,7 @@ from tests.acceptance import harness
 from tests.conftest import RunningEmulator
 from tests.helpers import KEY
 from worker import emulator, models, outbox, runtime, sessions, wire
-from worker.settings import Settings
+from worker.settings import DEFAULT_QUEUE, Settings
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -158,7 +158,9 @@ def test_every_logout_reaches_pangea_through_faults_crashes_and_a_flushed_broker
             for chunk in range(0, len(ids), 100):
                 with rt.sessions.begin() as db:
                     for sid in ids[chunk : chunk + 100]:
-                        sessions.logout(db, sid, kick=lambda: kicker.send_task(outbox.TASK_NAME, expires=30))
+                        sessions.logout(
+                            db, sid, kick=lambda: kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE, expires=30)
+                        )
             with rt.sessions.begin() as db:
                 for user in multi_users:
                     sessions.logout_user(db, user, kick=False)
@@ -183,7 +185,7 @@ def test_every_logout_reaches_pangea_through_faults_crashes_and_a_flushed_broker
 
         # ... and delivering again, by beat and by hand, sends Pangea nothing more
         after = logout_stats(emu)
-        kicker.send_task(outbox.TASK_NAME)
+        kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE)
         time.sleep(3)
         assert logout_stats(emu) == after
     finally:

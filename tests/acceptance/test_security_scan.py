@@ -47,7 +47,7 @@ from tests.helpers import KEY, row
 from worker import crypto, emulator, models, outbox, runtime, sessions
 from worker.emulator.app import Emulator
 from worker.emulator.store import Store
-from worker.settings import Settings
+from worker.settings import DEFAULT_QUEUE, Settings
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -454,7 +454,7 @@ def test_no_secret_of_a_live_run_shows_anywhere(
                 # When Pangea kills some sessions, the app and an operator log others out
                 for sid in cast.doomed:
                     rt.run(rt.client.session_invalidate(row(rt, sid).pangea_session_id or ""))
-                kick = lambda: kicker.send_task(outbox.TASK_NAME, expires=30)  # noqa: E731
+                kick = lambda: kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE, expires=30)  # noqa: E731
                 with rt.sessions.begin() as db:
                     for sid in cast.leaving[:-1]:
                         sessions.logout(db, sid, kick=kick)

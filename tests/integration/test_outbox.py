@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from tests.conftest import RunningEmulator, verdict_codes
 from tests.helpers import KEY, active_token, login, requests, row
-from worker import cli_outbox, errors, models, operations, outbox, runtime, sessions, wire
+from worker import cli_outbox, errors, kick, models, operations, outbox, runtime, sessions, wire
 from worker import outbox_queries as oq
 
 pytestmark = pytest.mark.timeout(120)
@@ -461,7 +461,7 @@ def test_kick_follows_the_commit_and_never_breaks_it(
     def broken() -> None:
         raise ConnectionError("broker down")
 
-    with caplog.at_level(logging.WARNING, logger="worker.outbox"), rt.sessions.begin() as db:
+    with caplog.at_level(logging.WARNING, logger="worker.kick"), rt.sessions.begin() as db:
         sessions.logout(db, ids[2], kick=broken)
     # Then the logout still committed, and the failure is logged, not raised
     assert row(rt, ids[2]).state is models.SessionState.LOGGED_OUT
@@ -470,10 +470,10 @@ def test_kick_follows_the_commit_and_never_breaks_it(
 
 def test_automatic_kick_needs_a_broker() -> None:
     # Given the environment a web app may have, the automatic kick only fires with a real broker
-    assert not outbox.broker_configured({})
-    assert not outbox.broker_configured({"CELERY_BROKER_URL": "memory://"})
-    assert outbox.broker_configured({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"})
-    assert not outbox.broker_configured({"CELERY_BROKER_URL": "redis://h/0", "SESSION_SYNC_OUTBOX_KICK": "false"})
+    assert not kick.broker_configured({})
+    assert not kick.broker_configured({"CELERY_BROKER_URL": "memory://"})
+    assert kick.broker_configured({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"})
+    assert not kick.broker_configured({"CELERY_BROKER_URL": "redis://h/0", "SESSION_SYNC_OUTBOX_KICK": "false"})
 
 
 # --- the operator's commands --------------------------------------------------------------------

@@ -29,7 +29,8 @@ from django.db import connections, transaction
 from sqlalchemy import orm, pool
 from sqlalchemy.dialects import sqlite
 
-from worker import crypto, decisions, errors, models, outbox, sessions
+from worker import crypto, decisions, errors, models, sessions
+from worker import kick as kick_mod
 from worker.settings import Settings
 from worker.web import COOKIE_SETTING, REALM_SETTING, TOKEN_HEADER, Guard, RequestAuth, settings_from
 
@@ -195,7 +196,7 @@ def logout(
     *,
     reason: str = sessions.DEFAULT_LOGOUT_REASON,
     using: str | None = None,
-    kick: outbox.Kick = None,
+    kick: kick_mod.Kick = None,
 ) -> models.LocalSession:
     """End a local session and queue its Pangea logout, both in the caller's ``transaction.atomic()``.
 
@@ -212,7 +213,7 @@ def logout_user(
     *,
     reason: str = sessions.DEFAULT_LOGOUT_REASON,
     using: str | None = None,
-    kick: outbox.Kick = None,
+    kick: kick_mod.Kick = None,
 ) -> sessions.UserLogout:
     """End every session of a user and queue one ``/v2/session/logout``, in the caller's ``transaction.atomic()``."""
     done = _in_transaction(lambda db: sessions.logout_user(db, user_id, reason=reason, kick=False), using)
@@ -220,10 +221,10 @@ def logout_user(
     return done
 
 
-def _kick_on_commit(kick: outbox.Kick, using: str | None) -> None:
-    sender = outbox.sender(kick)
+def _kick_on_commit(kick: kick_mod.Kick, using: str | None) -> None:
+    sender = kick_mod.sender(kick, worker_settings)
     if sender is not None:
-        transaction.on_commit(lambda: outbox.send_kick(sender), using=using or database_alias())
+        transaction.on_commit(lambda: kick_mod.send_kick(sender), using=using or database_alias())
 
 
 # --- requests -------------------------------------------------------------------------------------------
