@@ -1,8 +1,9 @@
 """One outbound request rate per Pangea project, shared by every worker process.
 
-Celery's ``rate_limit`` is per worker, so N workers would send N times the rate. With a Redis
-broker the bucket lives in Redis (one Lua script, atomic); without one (SQLite, cron) it lives in
-the process, which is then the only sender.
+Celery's ``rate_limit`` is per worker, so N workers would send N times the rate. The bucket lives
+in Redis (one Lua script, atomic): the one ``SESSION_SYNC_RATE_LIMIT_STORE`` names, whatever the
+broker (a RabbitMQ deployment points it at any Redis), else the broker when that is Redis. Only
+``local`` (or no Redis at all: SQLite, cron) keeps it in the process, which is then the only sender.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 #: How often a Redis outage is logged while the limiter falls back to its local bucket, in seconds.
 OUTAGE_LOG_EVERY = 60.0
+
+#: URL schemes of a Redis store.
+REDIS_SCHEMES = ("redis://", "rediss://")
 
 #: Redis key prefix of the shared buckets.
 KEY_PREFIX = "session-sync:ratelimit:"
@@ -44,6 +51,17 @@ redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return wait
 """
+
+
+def from_settings(settings: Settings) -> RateLimiter:
+    """The rate limiter ``settings`` name: shared in Redis (the store, else a Redis broker), else local."""
+    store = settings.rate_limit_store
+    if store is None:
+        store = settings.celery_broker_url if settings.celery_broker_url.startswith(REDIS_SCHEMES) else "local"
+    if store == "local":
+        return LocalRateLimiter(settings.rate_limit)
+    project = f"{settings.authn_base_url}|{settings.authn_token}"
+    return RedisRateLimiter(store, project=project, rate=settings.rate_limit)
 
 
 class RateLimiter(Protocol):

@@ -64,12 +64,8 @@ class Runtime:
 
     @cached_property
     def limiter(self) -> ratelimit.RateLimiter:
-        """The outbound rate limit: shared through Redis when the broker is Redis, else per process."""
-        broker = self.settings.celery_broker_url
-        if broker.startswith(("redis://", "rediss://")):
-            project = f"{self.settings.authn_base_url}|{self.settings.authn_token}"
-            return ratelimit.RedisRateLimiter(broker, project=project, rate=self.settings.rate_limit)
-        return ratelimit.LocalRateLimiter(self.settings.rate_limit)
+        """The outbound rate limit, shared by every worker (``worker.ratelimit.from_settings``)."""
+        return ratelimit.from_settings(self.settings)
 
     @cached_property
     def policy(self) -> decisions.Policy:

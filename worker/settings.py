@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -28,6 +29,20 @@ DEFAULT_BROKER_URL = "sqla+sqlite:///session-sync-broker.db"
 #: The worker's /metrics port: outside 9100-9999 (Prometheus' fully allocated exporter range, where
 #: celery-exporter holds 9808) and below Linux's ephemeral ports, so it clashes with no exporter.
 DEFAULT_METRICS_PORT = 19808
+#: The Celery queue of every task, beat entry and kick: never Celery's default ``celery`` queue, which an
+#: app's own workers on the same broker consume.
+DEFAULT_QUEUE = "session_sync"
+#: Settings that may instead be read from a file named by ``<VARIABLE>_FILE`` (Docker and Kubernetes secrets).
+SECRET_FILES = ("PANGEA_AUTHN_TOKEN", "SESSION_SYNC_ENCRYPTION_KEYS")
+#: Broker URL schemes kombu knows (``kombu.transport.TRANSPORT_ALIASES``; tests/unit keeps them in step).
+#: Listed here so that reading settings in a web process never imports kombu.
+BROKER_SCHEMES = frozenset(
+    {
+        "amqp", "amqps", "pyamqp", "librabbitmq", "confluentkafka", "kafka", "memory", "redis", "rediss",
+        "SQS", "sqs", "mongodb", "zookeeper", "sqlalchemy", "sqla", "SLMQ", "slmq", "filesystem", "qpid",
+        "sentinel", "consul", "etcd", "azurestoragequeues", "azureservicebus", "pyro", "gcpubsub",
+    }
+)  # fmt: skip
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -35,6 +50,17 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 #: The longest duration any setting takes: far beyond any sensible value, yet ``now + it`` never overflows.
 MAX_DURATION = timedelta(days=36500)
 _TOO_LONG = "must be at most 36500d (100 years)"
+
+
+def parse_duration(value: str) -> timedelta:
+    """``"30"``/``"30s"``/``"5m"``/``"2h"``/``"1d"``/``"250ms"`` as a duration; ValueError otherwise.
+
+    The one duration syntax of every setting and command-line option.
+    """
+    parsed = _parse_duration(value)
+    if not isinstance(parsed, timedelta):
+        raise ValueError(f"{value!r} is not a duration such as 30s, 5m or 2h")
+    return parsed
 
 
 def _parse_duration(value: object) -> object:
@@ -87,6 +113,10 @@ class Settings(BaseSettings):
     #: How long an active token the worker replaced by a refresh still authenticates (web-app side).
     refresh_grace: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_GRACE")
     rate_limit: float = Field(100.0, gt=0, allow_inf_nan=False, alias="SESSION_SYNC_RATE_LIMIT")
+    #: Where every worker shares the rate limit's bucket: a ``redis://`` URL, or ``local`` (each process
+    #: alone). Unset: the broker when it is Redis, else local (worker.ratelimit.from_settings).
+    rate_limit_store: str | None = Field(None, alias="SESSION_SYNC_RATE_LIMIT_STORE")
+    queue: str = Field(DEFAULT_QUEUE, min_length=1, max_length=200, alias="SESSION_SYNC_QUEUE")
     lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
     http_timeout: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False, alias="SESSION_SYNC_HTTP_TIMEOUT")
     http_retries: int = Field(3, ge=0, le=10, alias="SESSION_SYNC_HTTP_RETRIES")
@@ -134,10 +164,16 @@ class Settings(BaseSettings):
         env = os.environ if env is None else env
         known = {field.alias for field in cls.model_fields.values() if field.alias}
         values: dict[str, Any] = {k: v for k, v in env.items() if k in known and v != ""}
+        for variable in SECRET_FILES:
+            if env.get(f"{variable}_FILE"):
+                values[variable] = _read_secret_file(variable, env[f"{variable}_FILE"], given=variable in values)
         try:
             return cls(**values)
         except pydantic.ValidationError as exc:
-            raise _config_error(exc) from None
+            error = _config_error(exc)
+            if error.variable in SECRET_FILES and env.get(f"{error.variable}_FILE"):
+                error = errors.ConfigError(f"{error.variable} (from {error.variable}_FILE)", error.problem)
+            raise error from None
 
     @field_validator(
         "check_interval",
@@ -220,12 +256,24 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _check_broker_url(cls, value: str) -> str:
-        from kombu.transport import TRANSPORT_ALIASES
-
         for url in value.split(";"):  # kombu's failover list
             scheme, sep, _ = url.strip().partition("://")
-            if not sep or scheme.split("+")[0] not in TRANSPORT_ALIASES:
+            if not sep or scheme.split("+")[0] not in BROKER_SCHEMES:
                 raise ValueError("must be a broker URL such as redis://host:6379/0 or sqla+sqlite:///broker.db")
+        return value
+
+    @field_validator("rate_limit_store")
+    @classmethod
+    def _check_rate_limit_store(cls, value: str | None) -> str | None:
+        if value is None or value == "local" or value.startswith(("redis://", "rediss://")):
+            return value
+        raise ValueError("must be a redis:// URL (such as redis://127.0.0.1:6379/0) or local")
+
+    @field_validator("queue")
+    @classmethod
+    def _check_queue(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", value):
+            raise ValueError("must be a queue name of letters, digits and _ . : - such as session_sync")
         return value
 
     @field_validator("metrics_host")
@@ -298,6 +346,22 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         """True when the database is SQLite (embedded / development)."""
         return self.database_url.startswith("sqlite")
+
+
+def _read_secret_file(variable: str, path: str, *, given: bool) -> str:
+    """The secret in ``path`` (one trailing newline dropped); a clear ConfigError naming ``<variable>_FILE``."""
+    name = f"{variable}_FILE"
+    if given:
+        raise errors.ConfigError(name, f"set together with {variable}; set only one of them")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise errors.ConfigError(name, f"cannot read {path}: {reason}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret.strip():
+        raise errors.ConfigError(name, f"{path} is empty")
+    return secret
 
 
 def _config_error(exc: pydantic.ValidationError) -> errors.ConfigError:

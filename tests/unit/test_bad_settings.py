@@ -64,6 +64,8 @@ BAD_TEXT: dict[str, list[str]] = {
     "CELERY_BROKER_URL": ["nonsense", "redis//host", "gopher://x", "redis://a:6379/0;nonsense"],
     "SESSION_SYNC_ENCRYPTION_KEYS": [",", " , ", "not-a-key", KEY + ",", KEY[:-2], "k" * 44],
     "SESSION_SYNC_METRICS_HOST": ["not a host", "-bad-", "a/b", "http://0.0.0.0"],
+    "SESSION_SYNC_QUEUE": ["two words", "a/b", "x" * 201, "queue\n"],
+    "SESSION_SYNC_RATE_LIMIT_STORE": ["redis", "memcached://h", "database?", "amqp://guest@h//"],
 }
 #: Free-form settings for which no value is malformed. None today: each one above can be nonsense.
 #: (An empty value is never malformed: it means "not set", so the default applies.)
@@ -163,6 +165,8 @@ def good_value(alias: str) -> str:
         "CELERY_BROKER_URL": "redis://redis:6379/0",
         "SESSION_SYNC_ENCRYPTION_KEYS": f"{crypto.generate_key()}, {KEY}",
         "SESSION_SYNC_METRICS_HOST": "::1",
+        "SESSION_SYNC_QUEUE": "myapp.session_sync",
+        "SESSION_SYNC_RATE_LIMIT_STORE": "redis://cache:6379/3",
     }
     return good[alias]
 
