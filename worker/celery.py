@@ -13,14 +13,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import errors, logs, metrics, runtime
+from worker import checks, errors, logs, metrics, runtime
 from worker.settings import Settings
 
 try:
     settings = Settings.from_env()
 except errors.ConfigError as exc:  # one clear line, no traceback, before Celery prints anything
     print(f"session-sync: configuration error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(checks.EXIT_CONFIG)
 
 
 def result_backend_for(broker_url: str, database_url: str) -> str:
@@ -34,6 +34,12 @@ _redis = settings.celery_broker_url.startswith(("redis://", "rediss://"))
 app = Celery("session_sync", include=["worker.tasks"])
 app.conf.update(
     broker_url=settings.celery_broker_url,
+    # Our own queue (SESSION_SYNC_QUEUE): every task, beat entry and kick goes there, and a worker started
+    # from this app consumes only it, so an app's Celery on the same broker never takes ours (or we theirs).
+    task_default_queue=settings.queue,
+    task_default_exchange=settings.queue,
+    task_default_routing_key=settings.queue,
+    task_create_missing_queues=True,
     result_backend=result_backend_for(settings.celery_broker_url, settings.database_url),
     result_expires=3600,
     task_serializer="json",
@@ -47,21 +53,34 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     task_track_started=True,
-    broker_connection_retry_on_startup=True,
+    broker_connection_retry_on_checks=True,
     worker_hijack_root_logger=False,
     # Redis redelivers an unacked task after the visibility timeout: keep it far above any task's run.
     broker_transport_options={"visibility_timeout": 3600} if _redis else {},
     beat_schedule={
-        "sweep": {"task": "session_sync.sweep", "schedule": settings.sweep_period.total_seconds()},
-        "housekeeping": {"task": "session_sync.housekeeping", "schedule": 3600.0},
+        "sweep": {
+            "task": "session_sync.sweep",
+            "schedule": settings.sweep_period.total_seconds(),
+            "options": {"queue": settings.queue},
+        },
+        "housekeeping": {"task": "session_sync.housekeeping", "schedule": 3600.0, "options": {"queue": settings.queue}},
         # Retries and missed kicks; a run that waited past its period is dropped, the next one covers it.
         "deliver_logouts": {
             "task": "session_sync.deliver_logouts",
             "schedule": settings.outbox_period.total_seconds(),
-            "options": {"expires": max(settings.outbox_period.total_seconds(), 1.0)},
+            "options": {"expires": max(settings.outbox_period.total_seconds(), 1.0), "queue": settings.queue},
         },
     },
 )
+
+
+@signals.worker_init.connect
+def _refuse_stale_schema(**_: Any) -> None:
+    """A worker on a schema that is not at head would fail every task: say so in one line and stop."""
+    problem = checks.schema_problem(settings.database_url)
+    if problem is not None:
+        print(f"session-sync: worker not started: {problem}", file=sys.stderr, flush=True)
+        sys.exit(checks.EXIT_CONFIG)
 
 
 @signals.worker_process_init.connect

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from worker import cli_outbox, cli_support, logs, operations
+from worker import checks, cli_outbox, cli_support, errors, logs, operations, progress, runtime
 
 clear_errors = cli_support.clear_errors
 _settings = cli_support.settings
@@ -18,9 +18,13 @@ _runtime = cli_support.make_runtime
 
 @click.group()
 @click.version_option(package_name="pangea-session-sync")
+@click.pass_context
 @clear_errors
-def main() -> None:
+def main(ctx: click.Context) -> None:
     """Keep a web app's local sessions true to Pangea AuthN."""
+    if ctx.invoked_subcommand == "check":  # `check` reports bad settings itself, as one of its lines
+        logs.configure("text")
+        return
     logs.configure(_settings().log_format)  # text or JSON lines on stderr, tokens scrubbed
 
 
@@ -128,22 +132,21 @@ def sweep(once: bool, as_json: bool) -> None:
         rt.close()
     _print_counts(counts, as_json)
     if counts.get("stopped"):
-        sys.exit(3)
+        sys.exit(checks.EXIT_TOKEN_REFUSED)
 
 
 @main.command()
-@click.option("--all", "everything", is_flag=True, help="Every active session.")
+@click.option("--all", "everything", is_flag=True, help="Every active session (sent as batches, like a sweep).")
 @click.option("--user", "user_id", help="Every active session of this Pangea user id (pui_...).")
 @click.option("--session", "session_id", type=cli_support.ROW_ID, help="One local session id.")
-@click.option("--wait", is_flag=True, help="Wait for the worker and print what it did.")
+@click.option("--wait", is_flag=True, help="Wait for the worker, show progress, and print what it did.")
 @click.option("--local", is_flag=True, help="Do it in this process instead of sending it to a worker.")
 @click.option(
     "--timeout",
-    default=300.0,
+    default="5m",
     show_default=True,
-    type=float,
-    callback=cli_support.seconds_up_to(86400),
-    help="Seconds to wait with --wait.",
+    type=cli_support.Duration(86400),
+    help="How long --wait waits (30s, 5m, 1h).",
 )
 @click.option(
     "--confirm-revocations",
@@ -172,26 +175,65 @@ def resync(
             counts = operations.resync(
                 rt, session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations
             )
+        else:
+            results, sizes, what = _send_resync(rt, session_id, user_id, everything, confirm_revocations)
     finally:
         rt.close()
     if local:
         _print_counts(counts, as_json)
         return
-    from celery import exceptions as celery_errors
+    click.echo(what, err=wait)
+    if not wait:
+        return
+    show = (lambda line: click.echo("\r" + line, nl=False, err=True)) if sys.stderr.isatty() else None
+    try:
+        done = progress.wait(results, sizes, timeout=timeout, queue=rt.settings.queue, show=show)
+    except progress.WaitTimeout as exc:
+        if show:
+            click.echo(err=True)
+        click.echo(f"session-sync: timed out after {timeout:g} s: {exc}", err=True)
+        sys.exit(checks.EXIT_FAILURE)
+    if show:
+        click.echo(err=True)
+    _print_counts(_add_up(done), as_json)
 
+
+def _send_resync(
+    rt: runtime.Runtime, session_id: int | None, user_id: str | None, everything: bool, confirm: bool
+) -> tuple[list[Any], list[int], str]:
+    """Queue the resync: one task for a session or a user, one task per batch for --all."""
     from worker import tasks
 
-    kwargs = {"session_id": session_id, "user_id": user_id, "confirm_revocations": confirm_revocations}
-    result = tasks.resync.apply_async(kwargs=kwargs)
-    if not wait:
-        click.echo(f"resync queued as task {result.id}")
-        return
-    try:
-        counts = result.get(timeout=timeout)
-    except celery_errors.TimeoutError:
-        click.echo(f"session-sync: no worker answered within {timeout:g} s (is one running?)", err=True)
-        sys.exit(1)
-    _print_counts(counts, as_json)
+    if not everything:
+        result = tasks.resync.apply_async(
+            kwargs={"session_id": session_id, "user_id": user_id, "confirm_revocations": confirm}
+        )
+        return [result], [1], f"resync queued as task {result.id}"
+    results: list[Any] = []
+    sizes: list[int] = []
+    for ids in operations.resync_batches(rt):
+        results.append(tasks.resync_batch.apply_async(kwargs={"session_ids": ids, "confirm_revocations": confirm}))
+        sizes.append(len(ids))
+    ids_shown = ", ".join(str(r.id) for r in results[:3]) + (", ..." if len(results) > 3 else "")
+    return results, sizes, f"resync of {sum(sizes)} sessions queued as {len(results)} tasks: {ids_shown}"
+
+
+def _add_up(results: list[Any]) -> dict[str, Any]:
+    """One set of counts from the batches' counts."""
+    if len(results) == 1:
+        return dict(results[0])
+    total: dict[str, Any] = {}
+    for counts in results:
+        for key, value in counts.items():
+            if isinstance(value, bool):
+                total[key] = total.get(key, False) or value
+            elif isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, dict):
+                merged = total.setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+    return total
 
 
 @main.command()
@@ -213,16 +255,35 @@ def status(as_json: bool, session_id: int | None) -> None:
         _print_session(report)
     else:
         _print_status(report)
+    if session_id is None and (report.get("last_sweep") or {}).get("stopped"):
+        sys.exit(checks.EXIT_TOKEN_REFUSED)  # the last sweep stopped: Pangea refused PANGEA_AUTHN_TOKEN
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines (and health checks).")
+def check(as_json: bool) -> None:
+    """Is this deployment ready? Settings, database at head, broker, Pangea accepting our token."""
+    try:
+        results = checks.run_all(_settings())
+    except errors.ConfigError as exc:
+        results = [checks.Result(name="settings", ok=False, detail=str(exc), exit_code=checks.EXIT_CONFIG)]
+    if as_json:
+        _print_json({"ok": all(r.ok for r in results), "checks": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name:<9} {r.detail}")
+    failed = [r for r in results if not r.ok]
+    if failed:
+        sys.exit(failed[0].exit_code)
 
 
 @main.command()
 @click.option(
     "--deadline",
-    default=50.0,
+    default="50s",
     show_default=True,
-    type=float,
-    callback=cli_support.seconds_up_to(3600),
-    help="Give up after this many seconds.",
+    type=cli_support.Duration(3600),
+    help="Give up after this long (50s, 2m).",
 )
 @clear_errors
 def demo(deadline: float) -> None:

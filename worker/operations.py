@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,13 +80,18 @@ def sweep_once(rt: Runtime) -> dict[str, object]:
 
 
 def resync(
-    rt: Runtime, *, session_id: int | None = None, user_id: str | None = None, confirm_revocations: bool = False
+    rt: Runtime,
+    *,
+    session_id: int | None = None,
+    user_id: str | None = None,
+    session_ids: Sequence[int] | None = None,
+    confirm_revocations: bool = False,
 ) -> dict[str, object]:
-    """Re-check one session, one user's sessions, or all (no arguments), ignoring ``next_check_at``.
+    """Re-check one session, some sessions by id, one user's sessions, or all (no arguments), now.
 
     ``confirm_revocations`` clears a tripped mass-revocation guard and lets this resync revoke.
     """
-    ids: Sequence[int] | None = [session_id] if session_id is not None else None
+    ids: Sequence[int] | None = [session_id] if session_id is not None else session_ids
     if confirm_revocations:  # logouts the guard held go out again now, not after their pause
         with rt.sessions.begin() as db:
             outbox_queries.make_held_due(db, now=rt.clock())
@@ -94,6 +99,39 @@ def resync(
     done = rt.run(counts).as_dict()
     metrics.record_counts(done)
     return done
+
+
+def resync_batches(rt: Runtime) -> Iterator[list[int]]:
+    """Every active session's id, in batches of ``batch_size``, streamed by the primary key.
+
+    ``resync --all`` sends one task per batch, as a sweep does, so no task grows with the number
+    of sessions (a single task over 100k sessions outlives RabbitMQ's consumer timeout).
+    """
+    S = models.LocalSession
+    size = rt.settings.batch_size
+    with rt.sessions() as db:
+        ids = db.execute(
+            sa.select(S.id).where(models.session_is_active()).order_by(S.id).execution_options(yield_per=size)
+        ).scalars()
+        batch: list[int] = []
+        for session_id in ids:
+            batch.append(int(session_id))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def resync_fanout(rt: Runtime, send_batch: Callable[[list[int]], None]) -> dict[str, int]:
+    """Queue a resync of every active session, one ``send_batch(ids)`` per batch; returns what was sent."""
+    batches = sessions = 0
+    for ids in resync_batches(rt):
+        send_batch(ids)
+        batches += 1
+        sessions += len(ids)
+    logger.info("Resync fanned out", extra={"action": "resync_fanout", "batches": batches, "sessions": sessions})
+    return {"batches": batches, "sessions": sessions}
 
 
 def require_known(rt: Runtime, *, session_id: int | None = None, user_id: str | None = None) -> None:

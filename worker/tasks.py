@@ -28,10 +28,23 @@ def check_batch(slot: str | None = None) -> dict[str, object]:
 def resync(
     session_id: int | None = None, user_id: str | None = None, confirm_revocations: bool = False
 ) -> dict[str, object]:
-    """Re-check now: one session, one user's sessions, or everything when called with no arguments."""
-    return operations.resync(
-        runtime.get(), session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations
-    )
+    """Re-check now: one session, or one user's sessions; with no arguments, fan everything out as batches."""
+    rt = runtime.get()
+    if session_id is None and user_id is None:
+        return dict(
+            operations.resync_fanout(
+                rt, lambda ids: resync_batch.delay(session_ids=ids, confirm_revocations=confirm_revocations)
+            )
+        )
+    return operations.resync(rt, session_id=session_id, user_id=user_id, confirm_revocations=confirm_revocations)
+
+
+@app.task(name="session_sync.resync_batch")
+def resync_batch(session_ids: list[int], confirm_revocations: bool = False) -> dict[str, object]:
+    """Re-check one batch of sessions by id (``resync --all`` sends one per ``batch_size``)."""
+    return operations.resync(runtime.get(), session_ids=session_ids, confirm_revocations=confirm_revocations) | {
+        "sessions": len(session_ids)
+    }
 
 
 @app.task(name="session_sync.housekeeping")

@@ -1,0 +1,127 @@
+"""Readiness checks (``session-sync check``, the worker's start-up) and the exit codes every command shares.
+
+Each check answers one question an operator asks before trusting a deployment (settings readable,
+database reachable and at the head revision, broker reachable, Pangea accepting our token) and
+never raises: a failure is a :class:`Result` saying what is wrong. Heavy imports (Alembic, kombu,
+httpx) happen inside the checks, so the Celery app can import this module for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from worker import errors
+from worker.settings import Settings
+
+#: Exit code of a command that failed for an ordinary reason (a database error, a timeout, a failed check).
+EXIT_FAILURE = 1
+#: Exit code of a missing or malformed setting, and of a worker refusing to start.
+EXIT_CONFIG = 2
+#: Exit code when Pangea refused PANGEA_AUTHN_TOKEN: the same in ``sweep``, ``resync`` and ``status``.
+EXIT_TOKEN_REFUSED = 3
+#: A well-formed user token no session holds: asking Pangea about it proves only that Pangea accepts us.
+PROBE_TOKEN = "ptu_" + "a" * 32
+#: Seconds the broker and Pangea checks wait before calling a service unreachable.
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """One check's outcome: its name, whether it passed, one line saying what was found, the exit code it means."""
+
+    name: str
+    ok: bool
+    detail: str
+    exit_code: int = EXIT_FAILURE
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form for ``check --json``."""
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def schema_problem(database_url: str) -> str | None:
+    """Why the database at ``database_url`` cannot be used by this code (None: reachable and at head)."""
+    import sqlalchemy as sa
+
+    from worker import db
+
+    head = db.head_revision()
+    try:
+        current = db.current_revision(database_url)
+    except sa.exc.DBAPIError as exc:
+        said = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+        return f"database unreachable ({said}); check DATABASE_URL"
+    if current is None:
+        return f"the database has no session-sync schema; run `session-sync db upgrade` (head is {head})"
+    if current != head:
+        return f"the database is at revision {current}, this code needs {head}; run `session-sync db upgrade`"
+    return None
+
+
+def check_settings(settings: Settings) -> Result:
+    """The settings every process needs: Pangea's URL and token, and the encryption keys."""
+    missing: list[str] = []
+    if not (settings.pangea_base_url or settings.pangea_domain):
+        missing.append("PANGEA_DOMAIN: not set (or set PANGEA_BASE_URL)")
+    if settings.pangea_authn_token is None:
+        missing.append("PANGEA_AUTHN_TOKEN: not set")
+    if settings.encryption_keys is None:
+        missing.append("SESSION_SYNC_ENCRYPTION_KEYS: not set")
+    if missing:
+        return Result(name="settings", ok=False, detail="; ".join(missing), exit_code=EXIT_CONFIG)
+    return Result(name="settings", ok=True, detail=f"Pangea at {settings.authn_base_url}, queue {settings.queue}")
+
+
+def check_database(settings: Settings) -> Result:
+    """The database answers and its schema is at this code's head revision."""
+    from worker import db
+
+    problem = schema_problem(settings.database_url)
+    if problem is not None:
+        return Result(name="database", ok=False, detail=problem)
+    return Result(name="database", ok=True, detail=f"reachable, at head revision {db.head_revision()}")
+
+
+def check_broker(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Result:
+    """The broker accepts a connection (kombu, the library Celery itself uses)."""
+    from kombu.connection import Connection
+
+    try:
+        with Connection(settings.celery_broker_url, connect_timeout=timeout) as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:  # kombu and its transports raise many kinds; each means "not reachable"
+        return Result(name="broker", ok=False, detail=f"unreachable ({type(exc).__name__}); check CELERY_BROKER_URL")
+    return Result(name="broker", ok=True, detail=f"reachable, tasks go to queue {settings.queue}")
+
+
+def check_pangea(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Result:
+    """Pangea answers and accepts PANGEA_AUTHN_TOKEN: a token check on a token nobody holds."""
+    from worker import authn
+
+    async def probe() -> str:
+        client = authn.AuthnClient.from_settings(settings, timeout=timeout, retries=0, max_connections=1)
+        try:
+            return str((await client.check_token(PROBE_TOKEN)).verdict)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(probe())
+    except errors.AuthnRejectedUs:
+        detail = "Pangea refused PANGEA_AUTHN_TOKEN (Unauthorized)"
+        return Result(name="pangea", ok=False, detail=detail, exit_code=EXIT_TOKEN_REFUSED)
+    except errors.SessionSyncError as exc:
+        return Result(name="pangea", ok=False, detail=f"no usable answer from Pangea ({type(exc).__name__}: {exc})")
+    kind = "service" if settings.has_service_token else "client"
+    return Result(name="pangea", ok=True, detail=f"{settings.authn_base_url} accepts our {kind} token")
+
+
+def run_all(settings: Settings) -> list[Result]:
+    """Every check, in order; the ones that need the settings are skipped when those are missing."""
+    results = [check_settings(settings), check_database(settings), check_broker(settings)]
+    if results[0].ok:
+        results.append(check_pangea(settings))
+    else:
+        results.append(Result(name="pangea", ok=False, detail="not checked: settings are incomplete"))
+    return results
