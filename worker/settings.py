@@ -40,7 +40,7 @@ BROKER_SCHEMES = frozenset(
     {
         "amqp", "amqps", "pyamqp", "librabbitmq", "confluentkafka", "kafka", "memory", "redis", "rediss",
         "SQS", "sqs", "mongodb", "zookeeper", "sqlalchemy", "sqla", "SLMQ", "slmq", "filesystem", "qpid",
-        "sentinel", "consul", "etcd", "azurestoragequeues", "azureservicebus", "pyro", "gcpubsub",
+        "sentinel", "consul", "etcd", "azurestoragequeues", "azureservicebus", "pyro", "gcpubsub", "pgmq",
     }
 )  # fmt: skip
 
