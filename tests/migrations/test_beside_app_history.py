@@ -7,7 +7,6 @@ older session-sync (our revision in ``alembic_version``) are moved over in place
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,37 +14,9 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from tests import app_beside
+from tests.app_beside import APP_REVISION
 from worker import db
-
-APP_REVISION = "a1b2c3d4e5f6"
-
-APP_ENV = """
-import sqlalchemy as sa
-from alembic import context
-
-engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
-with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=None)
-    with context.begin_transaction():
-        context.run_migrations()
-engine.dispose()
-"""
-
-APP_REVISION_FILE = f'''
-import sqlalchemy as sa
-from alembic import op
-
-revision = "{APP_REVISION}"
-down_revision = None
-
-
-def upgrade():
-    op.create_table("app_users", sa.Column("id", sa.Integer, primary_key=True), sa.Column("email", sa.Text))
-
-
-def downgrade():
-    op.drop_table("app_users")
-'''
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -59,26 +30,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def app_config(tmp_path: Path, url: str) -> Config:
     """The app's own Alembic project (script directory, one revision), on the shared database."""
-    scripts = tmp_path / "app_migrations"
-    (scripts / "versions").mkdir(parents=True)
-    (scripts / "env.py").write_text(textwrap.dedent(APP_ENV))
-    (scripts / "versions" / f"{APP_REVISION}_create_app_users.py").write_text(textwrap.dedent(APP_REVISION_FILE))
-    config = Config()
-    config.set_main_option("script_location", str(scripts))
-    config.set_main_option("sqlalchemy.url", db.normalize_url(url))
-    return config
+    return app_beside.alembic_project(tmp_path / "app_migrations", url)
 
 
-def app_versions(url: str) -> list[str] | None:
-    """The rows of the app's ``alembic_version`` table (None: no such table)."""
-    engine = db.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            if not sa.inspect(connection).has_table("alembic_version"):
-                return None
-            return [str(v) for v in connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()]
-    finally:
-        engine.dispose()
+app_versions = app_beside.app_versions
 
 
 def tables(url: str) -> set[str]:
