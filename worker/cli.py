@@ -113,7 +113,8 @@ def worker(loglevel: str, pool: str | None, concurrency: int | None) -> None:
     from worker.celery import app
 
     pool = pool or ("solo" if settings.celery_broker_url.startswith("sqla+") else "prefork")
-    argv = ["worker", "-B", "-E", f"--loglevel={loglevel}", f"--pool={pool}"]
+    # A node name of its own, so remote control and Flower tell it from an app's workers on the same broker.
+    argv = ["worker", "-B", "-E", f"--loglevel={loglevel}", f"--pool={pool}", "--hostname=session-sync@%h"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     app.worker_main(argv)
