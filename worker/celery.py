@@ -75,9 +75,9 @@ app.conf.update(
 
 
 @signals.worker_init.connect
-def _refuse_stale_schema(**_: Any) -> None:
-    """A worker on a schema that is not at head would fail every task: say so in one line and stop."""
-    problem = checks.schema_problem(settings.database_url)
+def _refuse_to_start_broken(**_: Any) -> None:
+    """A worker missing a required setting, or on a schema not at head, would fail every task: say so, stop."""
+    problem = checks.startup_problem(settings)
     if problem is not None:
         print(f"session-sync: worker not started: {problem}", file=sys.stderr, flush=True)
         sys.exit(checks.EXIT_CONFIG)

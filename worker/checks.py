@@ -40,6 +40,14 @@ class Result:
         return {"name": self.name, "ok": self.ok, "detail": self.detail}
 
 
+def startup_problem(settings: Settings) -> str | None:
+    """Why a worker must not start (a required setting missing, the schema not at head), or None."""
+    found = check_settings(settings)
+    if not found.ok:
+        return found.detail
+    return schema_problem(settings.database_url)
+
+
 def schema_problem(database_url: str) -> str | None:
     """Why the database at ``database_url`` cannot be used by this code (None: reachable and at head)."""
     import sqlalchemy as sa
@@ -66,8 +74,8 @@ def check_settings(settings: Settings) -> Result:
         missing.append("PANGEA_DOMAIN: not set (or set PANGEA_BASE_URL)")
     if settings.pangea_authn_token is None:
         missing.append("PANGEA_AUTHN_TOKEN: not set")
-    if settings.encryption_keys is None:
-        missing.append("SESSION_SYNC_ENCRYPTION_KEYS: not set")
+    if settings.encryption_keys is None and not settings.is_sqlite:  # SQLite (development) makes its own key
+        missing.append("SESSION_SYNC_ENCRYPTION_KEYS: not set (required with PostgreSQL)")
     if missing:
         return Result(name="settings", ok=False, detail="; ".join(missing), exit_code=EXIT_CONFIG)
     return Result(name="settings", ok=True, detail=f"Pangea at {settings.authn_base_url}, queue {settings.queue}")

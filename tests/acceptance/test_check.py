@@ -56,7 +56,12 @@ def test_check_passes_on_a_ready_deployment(pg_url: str, redis_url: str, emu: Ru
         ({"CELERY_BROKER_URL": "redis://127.0.0.1:{port}/0"}, "broker", checks.EXIT_FAILURE, "unreachable"),
         ({"PANGEA_BASE_URL": "http://127.0.0.1:{port}"}, "pangea", checks.EXIT_FAILURE, "no usable answer"),
         ({"DATABASE_URL": "{empty}"}, "database", checks.EXIT_FAILURE, "run `session-sync db upgrade`"),
-        ({"SESSION_SYNC_ENCRYPTION_KEYS": ""}, "settings", checks.EXIT_CONFIG, "SESSION_SYNC_ENCRYPTION_KEYS: not set"),
+        (
+            {"SESSION_SYNC_ENCRYPTION_KEYS": ""},
+            "settings",
+            checks.EXIT_CONFIG,
+            "SESSION_SYNC_ENCRYPTION_KEYS: not set (required with PostgreSQL)",
+        ),
         ({"SESSION_SYNC_BATCH_SIZE": "lots"}, "settings", checks.EXIT_CONFIG, "SESSION_SYNC_BATCH_SIZE"),
     ],
 )
@@ -83,11 +88,25 @@ def test_each_failure_is_one_line_and_a_non_zero_exit(
 
 
 @pytest.mark.redis
-def test_the_worker_refuses_to_start_on_a_schema_that_is_not_at_head(
-    empty_pg_url: str, redis_url: str, emu: RunningEmulator, tmp_path: Path
+@pytest.mark.parametrize(
+    ("database", "unset", "says"),
+    [
+        ("empty_pg_url", None, "the database has no session-sync schema; run `session-sync db upgrade`"),
+        ("pg_url", "PANGEA_AUTHN_TOKEN", "PANGEA_AUTHN_TOKEN: not set"),
+    ],
+)
+def test_the_worker_refuses_to_start_on_a_stale_schema_or_a_missing_setting(
+    database: str,
+    unset: str | None,
+    says: str,
+    redis_url: str,
+    emu: RunningEmulator,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    # Given a database nobody migrated
-    env = env_for(empty_pg_url, redis_url, emu) | {"PATH": str(harness.BIN), "HOME": str(tmp_path)}
+    # Given a database nobody migrated, or a required setting missing
+    env = env_for(request.getfixturevalue(database), redis_url, emu) | {"PATH": str(harness.BIN), "HOME": str(tmp_path)}
+    env.pop(unset or "", None)
     # When the worker is started
     done = subprocess.run(
         [str(harness.BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO"],
@@ -99,10 +118,7 @@ def test_the_worker_refuses_to_start_on_a_schema_that_is_not_at_head(
     )
     # Then it stops at once with one clear line instead of failing every task later
     assert done.returncode == checks.EXIT_CONFIG, done.stderr[-2000:]
-    assert (
-        "session-sync: worker not started: the database has no session-sync schema; run `session-sync db upgrade`"
-        in (done.stderr)
-    )
+    assert f"session-sync: worker not started: {says}" in done.stderr
     assert "ready." not in done.stdout + done.stderr
 
 

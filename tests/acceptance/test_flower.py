@@ -2,8 +2,8 @@
 
 A real ``celery -A worker worker -B`` and a real ``celery -A worker flower --basic-auth=...``, both
 subprocesses. Flower must see the worker, refuse its API without credentials, apply
-``session_sync.resync`` with no arguments (everything) and report the counts, and list the tasks by
-their readable names with ids and counts only: no token anywhere in what it shows.
+``session_sync.resync`` with no arguments (everything, fanned out as batches) and report the counts,
+and list the tasks by their readable names with ids and counts only: no token anywhere in what it shows.
 """
 
 from __future__ import annotations
@@ -107,30 +107,41 @@ def test_support_resyncs_everything_from_flower(
             assert applied.status_code == 200, applied.text
             task_id = applied.json()["task-id"]
 
-            # Then the task succeeds with the counts: five checked, the killed one revoked
-            def finished() -> dict[str, Any] | None:
-                answer = get(base, f"/api/task/result/{task_id}").json()
+            # Then the task fans everything out as batches (one here: five sessions), as a sweep does
+            def finished(task: str) -> dict[str, Any] | None:
+                answer = get(base, f"/api/task/result/{task}").json()
                 return answer if answer["state"] in ("SUCCESS", "FAILURE") else None
 
-            harness.wait_for(lambda: finished() is not None, timeout=40, what="the resync to finish")
-            result = finished()
+            harness.wait_for(lambda: finished(task_id) is not None, timeout=40, what="the resync to finish")
+            result = finished(task_id)
             assert result is not None and result["state"] == "SUCCESS", (result, worker.output()[-3000:])
-            counts = result["result"]
-            assert (counts["checked"], counts["revoked"], counts["failed"]) == (5, 1, 0), counts
-            assert counts["revoked_by_reason"] == {"invalid_token": 1}
+            assert result["result"] == {"batches": 1, "sessions": 5}
 
             # ... and Flower lists tasks by their readable names (beat's sweeps too), once events arrive
-            def names() -> set[str]:
-                return {t.get("name") for t in get(base, "/api/tasks").json().values()}
+            def by_name() -> dict[str, list[str]]:
+                found: dict[str, list[str]] = {}
+                for tid, t in get(base, "/api/tasks").json().items():
+                    found.setdefault(str(t.get("name")), []).append(tid)
+                return found
 
             harness.wait_for(
-                lambda: {"session_sync.resync", "session_sync.sweep"} <= names(), timeout=30, what="task events"
+                lambda: {"session_sync.resync", "session_sync.resync_batch", "session_sync.sweep"} <= by_name().keys(),
+                timeout=30,
+                what="task events",
             )
+            # ... where the batch reports the counts: five checked, the killed one revoked
+            [batch_id] = by_name()["session_sync.resync_batch"]
+            harness.wait_for(lambda: finished(batch_id) is not None, timeout=40, what="the batch to finish")
+            batch = finished(batch_id)
+            assert batch is not None and batch["state"] == "SUCCESS", (batch, worker.output()[-3000:])
+            counts = batch["result"]
+            assert (counts["checked"], counts["revoked"], counts["failed"]) == (5, 1, 0), counts
+            assert counts["revoked_by_reason"] == {"invalid_token": 1}
             tasks = get(base, "/api/tasks").text
             info = get(base, f"/api/task/info/{task_id}").json()
             assert info["name"] == "session_sync.resync" and info["state"] == "SUCCESS"
             assert info["args"] == "()" and info["kwargs"] == "{}"
-            assert "'checked': 5" in info["result"]
+            assert "'batches': 1" in info["result"]
             # ... where no token, ciphertext or key shows, in any task's args, kwargs or result
             shown = tasks + str(info) + get(base, "/api/workers").text
             assert not [s for s in secrets if s in shown]
