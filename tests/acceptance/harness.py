@@ -84,3 +84,18 @@ def run_cli(
     return subprocess.run(
         [str(BIN / "session-sync"), *args], cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_cli_celery(
+    env: Mapping[str, str], workdir: Path, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``celery -A worker ARGS`` (inspect, purge, ...) as an operator would."""
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(workdir), **env}
+    return subprocess.run(
+        [str(BIN / "celery"), "-A", "worker", *args],
+        cwd=workdir,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

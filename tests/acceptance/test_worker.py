@@ -132,6 +132,9 @@ def test_worker_keeps_sessions_true_to_pangea(
         assert result.returncode == 1, result.stderr
         assert "2 of 2 tasks still out (2 queued; 40 sessions)" in result.stderr
         assert "no worker took them from queue 'session_sync'" in result.stderr
+        # (the operator purges them, `celery -A worker purge -Q session_sync`: the next run is counted on its own)
+        purged = harness.run_cli_celery(env, tmp_path, "purge", "-f", "-Q", "session_sync")
+        assert purged.returncode == 0 and "Purged 2 messages" in purged.stdout, purged.stdout + purged.stderr
         with harness.running_worker(env, tmp_path, "--concurrency=1", name="w3"):
             result = harness.run_cli(env, tmp_path, "resync", "--all", "--wait", "--json", "--timeout", "60")
         # Then the counts match the sessions that are still active
