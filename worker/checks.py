@@ -122,7 +122,28 @@ def check_pangea(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Res
     except errors.SessionSyncError as exc:
         return Result(name="pangea", ok=False, detail=f"no usable answer from Pangea ({type(exc).__name__}: {exc})")
     kind = "service" if settings.has_service_token else "client"
-    return Result(name="pangea", ok=True, detail=f"{settings.authn_base_url} accepts our {kind} token")
+    return Result(
+        name="pangea", ok=True, detail=f"{settings.authn_base_url} accepts our {kind} token; {capabilities(settings)}"
+    )
+
+
+#: How ``check`` names each capability of ``Settings.capabilities``.
+_CAPABILITY_NAMES = {
+    "per_token_checks": "per-token checks",
+    "bulk_revalidation": "bulk revalidation",
+    "user_logout_in_one_call": "user-wide logout in one call",
+    "invalidate_by_session_id": "ending a session by its id",
+}
+
+
+def capabilities(settings: Settings) -> str:
+    """What the configured token can and cannot do, in one line (a client token has reduced features)."""
+    can = [_CAPABILITY_NAMES[k] for k, ok in settings.capabilities.items() if ok]
+    cannot = [_CAPABILITY_NAMES[k] for k, ok in settings.capabilities.items() if not ok]
+    line = "can: " + ", ".join(can)
+    if cannot:
+        line += "; cannot: " + ", ".join(cannot) + " (user-wide logouts end each known session with its own token)"
+    return line
 
 
 def run_all(settings: Settings) -> list[Result]:

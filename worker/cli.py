@@ -269,7 +269,12 @@ def check(as_json: bool) -> None:
     except errors.ConfigError as exc:
         results = [checks.Result(name="settings", ok=False, detail=str(exc), exit_code=checks.EXIT_CONFIG)]
     if as_json:
-        _print_json({"ok": all(r.ok for r in results), "checks": [r.as_dict() for r in results]})
+        summary: dict[str, object] = {"ok": all(r.ok for r in results), "checks": [r.as_dict() for r in results]}
+        try:
+            summary["capabilities"] = _settings().capabilities
+        except errors.ConfigError:
+            pass
+        _print_json(summary)
     else:
         for r in results:
             click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name:<9} {r.detail}")

@@ -43,9 +43,21 @@ def test_check_passes_on_a_ready_deployment(pg_url: str, redis_url: str, emu: Ru
     lines = done.stdout.strip().splitlines()
     assert [line.split()[:2] for line in lines] == [["ok", n] for n in ("settings", "database", "broker", "pangea")]
     assert "at head revision" in lines[1] and "accepts our service token" in lines[3]
-    # And --json says the same for machines
+    assert "cannot" not in lines[3] and "bulk revalidation" in lines[3]
+    # And --json says the same for machines, with what the token can do
     as_json = json.loads(harness.run_cli(env, tmp_path, "check", "--json").stdout)
     assert as_json["ok"] is True and [c["ok"] for c in as_json["checks"]] == [True] * 4
+    assert all(as_json["capabilities"].values())
+    # With a client token, the operator learns before it matters what it cannot do
+    client = harness.run_cli(env | {"PANGEA_AUTHN_TOKEN": emu.client_token}, tmp_path, "check", "--json")
+    assert json.loads(client.stdout)["capabilities"] == {
+        "per_token_checks": True,
+        "bulk_revalidation": False,
+        "user_logout_in_one_call": False,
+        "invalidate_by_session_id": False,
+    }
+    line = harness.run_cli(env | {"PANGEA_AUTHN_TOKEN": emu.client_token}, tmp_path, "check").stdout.splitlines()[3]
+    assert "accepts our client token" in line and "cannot: bulk revalidation" in line
 
 
 @pytest.mark.redis
