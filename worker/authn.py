@@ -205,6 +205,24 @@ class AuthnClient:
 
         return await list_limits.list_by_ids(token_ids, fetch=fetch, limits=self._limits)
 
+    async def session_of(
+        self, user_id: str | None, *, session_id: str | None = None, active_token_id: str | None = None
+    ) -> wire.SessionItem | None:
+        """The live session with this id (or carrying this active token), of this user if one is named.
+
+        One ``/v2/session/list`` request for at most one result: how the worker confirms an id before
+        ending a session by it. None when Pangea lists no such session.
+        """
+        where: dict[str, str] = {}
+        if session_id is not None:
+            where["id"] = session_id
+        if active_token_id is not None:
+            where["active_token_id"] = active_token_id
+        if user_id is not None:
+            where["identity"] = user_id
+        page = await self.session_list(filter=where, size=1)
+        return page.sessions[0] if page.sessions else None
+
     async def session_logout(self, user_id: str) -> wire.Ended:
         """POST /v2/session/logout (service token): end every session of a user."""
         path = "/v2/session/logout"

@@ -80,7 +80,7 @@ class _Work:
     """One claimed session. Its tokens are decrypted only when a call to Pangea needs them: a bulk
     answer needs only the active token's id, and Fernet costs more than everything else per session."""
 
-    __slots__ = ("_active", "_cipher", "_facts", "_refresh", "session")
+    __slots__ = ("_active", "_cipher", "_facts", "_refresh", "learned_session_id", "session")
 
     def __init__(self, session: queries.ClaimedSession, cipher: crypto.TokenCipher) -> None:
         self.session = session
@@ -88,6 +88,8 @@ class _Work:
         self._active: str | None = None
         self._refresh: str | None = None
         self._facts: decisions.SessionFacts | None = None
+        #: Pangea's id of this session, when its session list gave one other than the stored id.
+        self.learned_session_id: str | None = None
 
     @property
     def active_token(self) -> str:
@@ -165,8 +167,6 @@ class SyncEngine:
         self._clock = clock
         # Jitter needs no secret randomness: SystemRandom would cost a system call per draw.
         self._rng = rng or random.Random()
-        #: Pangea's session ids learned from its session list, written with the next batch's outcome.
-        self._learned: dict[int, str] = {}
 
     # --- entry points --------------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ class SyncEngine:
             else:
                 outcome.add(w, decision, answers[w.session.id], checked=True)
 
-        learned = {w.session.id: self._learned.pop(w.session.id) for w in work if w.session.id in self._learned}
+        learned = {w.session.id: w.learned_session_id for w in work if w.learned_session_id is not None}
 
         def write(db: orm.Session) -> None:
             self._hold_if_mass_revocation(db, outcome, checked=len(to_check), now=now, bypass=confirm_revocations)
@@ -375,7 +375,7 @@ class SyncEngine:
         for w in work:
             item = found.get(w.session.active_token_id)
             if item is not None and item.id != w.session.pangea_session_id:
-                self._learned[w.session.id] = item.id
+                w.learned_session_id = item.id
                 w.session = dataclasses.replace(w.session, pangea_session_id=item.id)
 
     async def _check_one(self, w: _Work) -> Answer:
@@ -491,8 +491,7 @@ class SyncEngine:
                 continue
             try:
                 await self._limiter.acquire()
-                page = await self._client.session_list(filter={"id": pangea_id, "identity": w.session.user_id}, size=1)
-                item = page.sessions[0] if page.sessions else None
+                item = await self._client.session_of(w.session.user_id, session_id=pangea_id)
                 if item is None or item.active_token is None or item.active_token.id == w.session.active_token_id:
                     continue  # gone already, or nothing to prove a refresh happened
                 await self._limiter.acquire()

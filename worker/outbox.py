@@ -324,14 +324,14 @@ class Delivery:
         First by the active token we hold (the session that carries it); else the stored id, if
         Pangea lists a session of this user under it. None when Pangea lists neither.
         """
-        page = await self._client.session_list(filter={"active_token_id": active_token_id}, size=1)
-        if page.sessions:
-            return page.sessions[0].id
+        carrying = await self._client.session_of(None, active_token_id=active_token_id)
+        if carrying is not None:
+            return carrying.id
         if stored is None:
             return None
         await self._limiter.acquire()
-        page = await self._client.session_list(filter={"id": stored, "identity": user_id}, size=1)
-        return page.sessions[0].id if page.sessions else None
+        owned = await self._client.session_of(user_id, session_id=stored)
+        return owned.id if owned is not None else None
 
     # --- the outcome ---------------------------------------------------------------------------
 
