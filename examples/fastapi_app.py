@@ -27,8 +27,7 @@ import fastapi
 from fastapi import responses
 from starlette import authentication
 
-from worker import authn, crypto, db, decisions, errors, sessions, web
-from worker.settings import Settings
+from worker import authn, sessions, web
 from worker.web import fastapi as session_sync
 from worker.web import starlette as starlette_glue
 
@@ -36,12 +35,12 @@ from worker.web import starlette as starlette_glue
 REALM = "example"
 
 
-def create_app(settings: Settings | None = None) -> fastapi.FastAPI:
+def create_app(settings: sessions.Settings | None = None) -> fastapi.FastAPI:
     """The app, configured from the environment (the same variables as the worker)."""
-    settings = settings or Settings.from_env()
-    maker = db.session_factory(db.create_engine(settings.database_url))
-    cipher = crypto.TokenCipher.from_settings(settings)
-    policy = decisions.Policy.from_settings(settings)
+    settings = settings or sessions.Settings.from_env()
+    maker = sessions.session_factory(sessions.create_engine(settings.database_url))
+    cipher = sessions.TokenCipher.from_settings(settings)
+    policy = sessions.Policy.from_settings(settings)
     client = authn.AuthnClient.from_settings(settings)  # a client token (pcl_) is enough for userinfo
     guard = web.Guard(db=maker, cipher=cipher, realm=REALM, grace=settings.refresh_grace)
     current = fastapi.Depends(session_sync.dependency(guard))  # a default, not Annotated: routes are local
@@ -60,9 +59,9 @@ def create_app(settings: Settings | None = None) -> fastapi.FastAPI:
         """Where Pangea's hosted login redirects: exchange the code, record the login."""
         try:
             creds = await client.userinfo(code)
-        except errors.AuthnRequestRejected:
+        except sessions.AuthnRequestRejected:
             raise fastapi.HTTPException(400, "the login code is not valid") from None
-        except errors.AuthnError:
+        except sessions.AuthnError:
             raise fastapi.HTTPException(502, "Pangea AuthN did not answer") from None
         login = await asyncio.to_thread(record, creds.to_userinfo())
         body: dict[str, Any] = {"user_id": login.user_id, "email": login.email}

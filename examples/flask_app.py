@@ -22,7 +22,7 @@ import flask_login
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import orm
 
-from worker import authn, db, errors, sessions, wire
+from worker import authn, sessions
 from worker.web.flask import SessionSync
 
 
@@ -53,11 +53,11 @@ def load_user(session: sessions.Authenticated) -> User | None:
 def create_app() -> flask.Flask:
     """The app, configured from the environment (the same variables as the worker)."""
     app = flask.Flask(__name__)
-    url = db.normalize_url(os.environ.get("DATABASE_URL", "sqlite:///session-sync.db"))
+    url = sessions.normalize_url(os.environ.get("DATABASE_URL", "sqlite:///session-sync.db"))
     app.config.update(
         SECRET_KEY=os.environ.get("FLASK_SECRET_KEY", "example-only-not-secret"),
         SQLALCHEMY_DATABASE_URI=url,
-        SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"timeout": 30}} if db.is_sqlite(url) else {},
+        SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"timeout": 30}} if sessions.is_sqlite(url) else {},
         SESSION_SYNC_REALM="example",
         SESSION_SYNC_COOKIE="session_sync",  # Flask's own signed session cookie is called "session"
     )
@@ -75,7 +75,7 @@ def create_app() -> flask.Flask:
 routes = flask.Blueprint("example", __name__)
 
 
-async def _exchange(code: str) -> wire.SessionCreds:
+async def _exchange(code: str) -> sessions.SessionCreds:
     async with authn.AuthnClient.from_settings(session_sync.state.settings) as client:
         return await client.userinfo(code)
 
@@ -85,9 +85,9 @@ def callback() -> Any:
     """Where Pangea's hosted login redirects: exchange the code, record the login with the app's user."""
     try:
         creds = asyncio.run(_exchange(flask.request.args.get("code", "")))
-    except errors.AuthnRequestRejected:
+    except sessions.AuthnRequestRejected:
         return {"detail": "the login code is not valid"}, 400
-    except errors.AuthnError:
+    except sessions.AuthnError:
         return {"detail": "Pangea AuthN did not answer"}, 502
     identity = creds.active_token.identity
     if store.session.scalars(store.select(User).filter_by(pangea_user_id=identity)).first() is None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -26,8 +27,25 @@ from worker import emulator
 
 #: PostgreSQL server used by the tests; each test gets a fresh database cloned from a template.
 PG_ADMIN_URL = os.environ.get("SESSION_SYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-#: Redis used by the tests (database 15 keeps them apart from anything else on the server).
-REDIS_URL = os.environ.get("SESSION_SYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
+#: The xdist worker this process is (``gw0``, ``gw1``, ...), or ``None`` outside ``pytest -n``.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _redis_url_of_worker(url: str, worker: str | None) -> str:
+    """Each xdist worker its own Redis database: worker ``gwK`` takes the configured database minus K.
+
+    Two workers on one database would flush each other's queues and take each other's Celery tasks.
+    """
+    if worker is None:
+        return url
+    parsed = urlsplit(url)
+    base = int(parsed.path.strip("/") or 0)
+    return urlunsplit(parsed._replace(path=f"/{(base - int(worker.removeprefix('gw'))) % 16}"))
+
+
+#: Redis used by the tests (database 15 keeps them apart from anything else on the server; under
+#: ``pytest -n``, worker gwK uses database 15 - K).
+REDIS_URL = _redis_url_of_worker(os.environ.get("SESSION_SYNC_TEST_REDIS", "redis://127.0.0.1:6379/15"), XDIST_WORKER)
 #: Pangea's reference material beside the project (read, never copied in).
 SHARED_DIR = Path(os.environ.get("SESSION_SYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -41,6 +59,25 @@ def require(available: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: services must be up)")
     pytest.skip(reason)
+
+
+#: Tests that stop and start processes every other test depends on (the shared PostgreSQL, in the
+#: fault matrix and the chaos soak) and load the machine for minutes: they run in a pytest of their
+#: own (``pytest -m serial``, after the parallel run), never beside another test.
+SERIAL_FILES = ("tests/faults/test_process_faults.py", "tests/chaos/test_soak.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects on the mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(item.path).relative_to(config.rootpath).as_posix() in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A serial test under ``pytest -n`` would restart PostgreSQL under the other workers' tests."""
+    if item.get_closest_marker("serial") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        pytest.fail("serial test inside a parallel run: run it alone (pytest -m serial), as .ci/run does")
 
 
 def free_port() -> int:
@@ -70,7 +107,7 @@ class _ThreadedServer(uvicorn.Server):
         pass
 
 
-def _serve_in_thread(app: object, port: int) -> tuple[_ThreadedServer, threading.Thread]:
+def _serve_in_thread(app: Any, port: int) -> tuple[_ThreadedServer, threading.Thread]:
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = _ThreadedServer(config)
     thread = threading.Thread(target=server.run, daemon=True)

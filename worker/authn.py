@@ -13,6 +13,7 @@ request surely never reached Pangea; otherwise the failure is ``AuthnOutcomeUnkn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -222,6 +223,24 @@ class AuthnClient:
             where["identity"] = user_id
         page = await self.session_list(filter=where, size=1)
         return page.sessions[0] if page.sessions else None
+
+    async def sessions_of_user(
+        self, user_id: str, *, pace: Callable[[], Awaitable[None]] | None = None
+    ) -> wire.SessionPage:
+        """Every live session of one user: all pages of ``/v2/session/list`` as one (the last one's request id).
+
+        ``pace`` is awaited before each page after the first (the shared rate limit).
+        """
+        sessions: list[wire.SessionItem] = []
+        last: str | None = None
+        while True:
+            page = await self.session_list(filter={"identity": user_id}, last=last)
+            sessions.extend(page.sessions)
+            if not page.last or not page.sessions:
+                return dataclasses.replace(page, sessions=tuple(sessions), last="")
+            last = page.last
+            if pace is not None:
+                await pace()
 
     async def session_logout(self, user_id: str) -> wire.Ended:
         """POST /v2/session/logout (service token): end every session of a user."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import checks, errors, logs, metrics, runtime
+from worker import checks, errors, exporter, logs, metrics, runtime, task_names
 from worker.settings import Settings
 
 try:
@@ -59,14 +59,14 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": 3600} if _redis else {},
     beat_schedule={
         "sweep": {
-            "task": "session_sync.sweep",
+            "task": task_names.SWEEP,
             "schedule": settings.sweep_period.total_seconds(),
             "options": {"queue": settings.queue},
         },
-        "housekeeping": {"task": "session_sync.housekeeping", "schedule": 3600.0, "options": {"queue": settings.queue}},
+        "housekeeping": {"task": task_names.HOUSEKEEPING, "schedule": 3600.0, "options": {"queue": settings.queue}},
         # Retries and missed kicks; a run that waited past its period is dropped, the next one covers it.
         "deliver_logouts": {
-            "task": "session_sync.deliver_logouts",
+            "task": task_names.DELIVER_LOGOUTS,
             "schedule": settings.outbox_period.total_seconds(),
             "options": {"expires": max(settings.outbox_period.total_seconds(), 1.0), "queue": settings.queue},
         },
@@ -86,7 +86,7 @@ def _refuse_to_start_broken(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _fresh_runtime_in_child(**_: Any) -> None:
     runtime.reset()
-    metrics.after_fork()
+    exporter.after_fork()
 
 
 @signals.worker_process_shutdown.connect
@@ -95,8 +95,9 @@ def _close_runtime(**_: Any) -> None:
     metrics.process_exited()
 
 
-# Metrics (worker.metrics): multiprocess mode before the pool forks; /metrics served once, by the
-# main worker process, when it is ready. Beat and Flower send no worker_* signals, so never serve.
+# Metrics (worker.metrics records, worker.exporter serves): multiprocess mode before the pool forks;
+# /metrics served once, by the main worker process, when it is ready. Beat and Flower send no
+# worker_* signals, so never serve.
 @signals.worker_init.connect
 def _metrics_before_pool(**_: Any) -> None:
     if settings.metrics_port:
@@ -105,11 +106,12 @@ def _metrics_before_pool(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _serve_metrics(**_: Any) -> None:
-    metrics.serve(settings)
+    exporter.serve(settings)
 
 
 @signals.worker_shutdown.connect
 def _stop_metrics(**_: Any) -> None:
+    exporter.stop()
     metrics.shutdown()
 
 

@@ -1,9 +1,12 @@
 """Readiness checks (``session-sync check``, the worker's start-up) and the exit codes every command shares.
 
 Each check answers one question an operator asks before trusting a deployment (settings readable,
-database reachable and at the head revision, broker reachable, Pangea accepting our token) and
-never raises: a failure is a :class:`Result` saying what is wrong. Heavy imports (Alembic, kombu,
-httpx) happen inside the checks, so the Celery app can import this module for free.
+database reachable and at the head revision, broker reachable, the rate limit's shared store
+reachable, Pangea accepting our token) and never raises: a failure is a :class:`Result` saying
+what is wrong. A readiness probe skips what it must not depend on (``check --skip pangea``: a
+Pangea outage is no reason to restart or route around a worker, which retries on its own). kombu and redis
+are imported inside the checks that use them (the Celery app and the CLI import this module for its exit
+codes), and Alembic inside ``worker.db``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from worker import errors
+import sqlalchemy as sa
+
+from worker import authn, db, errors, ratelimit
 from worker.settings import Settings
 
 #: Exit code of a command that failed for an ordinary reason (a database error, a timeout, a failed check).
@@ -24,6 +29,10 @@ EXIT_TOKEN_REFUSED = 3
 PROBE_TOKEN = "ptu_" + "a" * 32
 #: Seconds the broker and Pangea checks wait before calling a service unreachable.
 DEFAULT_TIMEOUT = 5.0
+#: Every check, in the order they run and print; all but ``settings`` can be skipped.
+NAMES = ("settings", "database", "broker", "ratelimit", "pangea")
+#: The checks ``check --skip`` accepts.
+SKIPPABLE = NAMES[1:]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,10 +59,6 @@ def startup_problem(settings: Settings) -> str | None:
 
 def schema_problem(database_url: str) -> str | None:
     """Why the database at ``database_url`` cannot be used by this code (None: reachable and at head)."""
-    import sqlalchemy as sa
-
-    from worker import db
-
     head = db.head_revision()
     try:
         current = db.current_revision(database_url)
@@ -83,8 +88,6 @@ def check_settings(settings: Settings) -> Result:
 
 def check_database(settings: Settings) -> Result:
     """The database answers and its schema is at this code's head revision."""
-    from worker import db
-
     problem = schema_problem(settings.database_url)
     if problem is not None:
         return Result(name="database", ok=False, detail=problem)
@@ -103,9 +106,36 @@ def check_broker(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Res
     return Result(name="broker", ok=True, detail=f"reachable, tasks go to queue {settings.queue}")
 
 
+def check_rate_limit(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Result:
+    """Which store holds the rate limit's bucket, and that a shared one answers (else workers limit alone)."""
+    store = settings.rate_limit_store or ratelimit.default_store(settings)
+    said = ratelimit.describe(settings)
+    if store == "local":
+        return Result(name="ratelimit", ok=True, detail=said)
+    try:
+        if store == ratelimit.DATABASE:
+            engine = db.create_engine(settings.database_url)
+            try:
+                with engine.connect() as connection:
+                    connection.execute(sa.text(f"SELECT count(*) FROM {ratelimit.TABLE}"))
+            finally:
+                engine.dispose()
+        else:
+            import redis
+
+            client = redis.Redis.from_url(store, socket_timeout=timeout, socket_connect_timeout=timeout)
+            try:
+                client.ping()
+            finally:
+                client.close()
+    except Exception as exc:  # drivers raise many kinds; each means "the shared store does not answer"
+        detail = f"{said}: unreachable ({type(exc).__name__}); each worker would limit itself alone"
+        return Result(name="ratelimit", ok=False, detail=detail)
+    return Result(name="ratelimit", ok=True, detail=said)
+
+
 def check_pangea(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Result:
     """Pangea answers and accepts PANGEA_AUTHN_TOKEN: a token check on a token nobody holds."""
-    from worker import authn
 
     async def probe() -> str:
         client = authn.AuthnClient.from_settings(settings, timeout=timeout, retries=0, max_connections=1)
@@ -146,11 +176,23 @@ def capabilities(settings: Settings) -> str:
     return line
 
 
-def run_all(settings: Settings) -> list[Result]:
-    """Every check, in order; the ones that need the settings are skipped when those are missing."""
-    results = [check_settings(settings), check_database(settings), check_broker(settings)]
-    if results[0].ok:
-        results.append(check_pangea(settings))
-    else:
-        results.append(Result(name="pangea", ok=False, detail="not checked: settings are incomplete"))
+def run_all(settings: Settings, *, skip: frozenset[str] = frozenset()) -> list[Result]:
+    """Every check not in ``skip``, in order; the ones that need the settings are not run when those are missing."""
+    unknown = skip - set(SKIPPABLE)
+    if unknown:
+        raise ValueError(f"cannot skip {', '.join(sorted(unknown))}: choose from {', '.join(SKIPPABLE)}")
+    results = [check_settings(settings)]
+    runs = {
+        "database": check_database,
+        "broker": check_broker,
+        "ratelimit": check_rate_limit,
+        "pangea": check_pangea,
+    }
+    for name in SKIPPABLE:
+        if name in skip:
+            continue
+        if name == "pangea" and not results[0].ok:
+            results.append(Result(name="pangea", ok=False, detail="not checked: settings are incomplete"))
+            continue
+        results.append(runs[name](settings))
     return results

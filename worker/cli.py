@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import click
 
 from worker import checks, cli_outbox, cli_support, errors, logs, operations, progress, runtime
+from worker import db as dbmod
+from worker.reports import SessionReport, StatusReport
 
 clear_errors = cli_support.clear_errors
 _settings = cli_support.settings
@@ -39,8 +42,6 @@ def db() -> None:
 def db_upgrade(revision: str) -> None:
     """Apply the migrations to DATABASE_URL."""
     from alembic.util import CommandError
-
-    from worker import db as dbmod
 
     settings = _settings()
     try:
@@ -181,6 +182,8 @@ def resync(
     finally:
         rt.close()
     if local:
+        if counts["stopped"]:  # the one line (and exit 3) of every command whose token Pangea refused
+            raise errors.OurTokenRejected("the resync stopped and changed nothing")
         _print_counts(counts, as_json)
         return
     click.echo(what, err=wait)
@@ -189,14 +192,17 @@ def resync(
     show = (lambda line: click.echo("\r" + line, nl=False, err=True)) if sys.stderr.isatty() else None
     try:
         done = progress.wait(results, sizes, timeout=timeout, queue=rt.settings.queue, show=show)
-    except progress.WaitTimeout as exc:
+    except errors.WaitTimeout as exc:
         if show:
             click.echo(err=True)
         click.echo(f"session-sync: timed out after {timeout:g} s: {exc}", err=True)
         sys.exit(checks.EXIT_FAILURE)
     if show:
         click.echo(err=True)
-    _print_counts(_add_up(done), as_json)
+    total = _add_up(done)
+    _print_counts(total, as_json)
+    if total.get("stopped"):
+        sys.exit(checks.EXIT_TOKEN_REFUSED)
 
 
 def _send_resync(
@@ -253,31 +259,52 @@ def status(as_json: bool, session_id: int | None) -> None:
     if as_json:
         _print_json(report)
     elif session_id is not None:
-        _print_session(report)
+        _print_session(cast("SessionReport", report))
     else:
-        _print_status(report)
-    if session_id is None and (report.get("last_sweep") or {}).get("stopped"):
+        _print_status(cast("StatusReport", report))
+    last = None if session_id is not None else cast("StatusReport", report)["last_sweep"]
+    if last is not None and last["stopped"]:
         sys.exit(checks.EXIT_TOKEN_REFUSED)  # the last sweep stopped: Pangea refused PANGEA_AUTHN_TOKEN
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines (and health checks).")
-def check(as_json: bool) -> None:
-    """Is this deployment ready? Settings, database at head, broker, Pangea accepting our token."""
+@click.option(
+    "--skip",
+    "skipped",
+    multiple=True,
+    type=click.Choice(checks.SKIPPABLE),
+    help="Do not run this check (repeatable). Readiness probes: --skip pangea.",
+)
+def check(as_json: bool, skipped: tuple[str, ...]) -> None:
+    """Is this deployment ready? Settings, database at head, broker, rate-limit store, Pangea accepting our token.
+
+    A readiness probe runs ``check --skip pangea``: a worker whose database and broker answer is ready,
+    and it rides out a Pangea outage on its own (retries, backoff) rather than being restarted.
+    """
+    skip = frozenset(skipped)
     try:
-        results = checks.run_all(_settings())
+        results = checks.run_all(_settings(), skip=skip)
     except errors.ConfigError as exc:
         results = [checks.Result(name="settings", ok=False, detail=str(exc), exit_code=checks.EXIT_CONFIG)]
     if as_json:
-        summary: dict[str, object] = {"ok": all(r.ok for r in results), "checks": [r.as_dict() for r in results]}
+        summary: dict[str, object] = {
+            "ok": all(r.ok for r in results),
+            "checks": [r.as_dict() for r in results],
+            "skipped": [name for name in checks.SKIPPABLE if name in skip],
+        }
         try:
             summary["capabilities"] = _settings().capabilities
         except errors.ConfigError:
             pass
         _print_json(summary)
     else:
-        for r in results:
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name:<9} {r.detail}")
+        by_name = {r.name: r for r in results}
+        for name in checks.NAMES:  # one line per check, in order, a skipped one said so
+            if name in skip:
+                click.echo(f"skip  {name:<9} not checked (--skip {name})")
+            elif (r := by_name.get(name)) is not None:
+                click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name:<9} {r.detail}")
     failed = [r for r in results if not r.ok]
     if failed:
         sys.exit(failed[0].exit_code)
@@ -300,7 +327,7 @@ def demo(deadline: float) -> None:
         sys.exit(1)
 
 
-def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
+def _print_counts(counts: Mapping[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(counts)
         return
@@ -317,14 +344,14 @@ def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
         )
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def _print_status(report: StatusReport) -> None:
     sessions = report["sessions"]
     click.echo("sessions   " + "  ".join(f"{k}={v}" for k, v in sessions.items()))
     click.echo(f"due now    {report['due']}   uncertain={report['uncertain']}  failing={report['failing']}")
     click.echo("outbox     " + "  ".join(f"{k}={v}" for k, v in report["outbox"].items()))
-    guard_state = report.get("revocation_guard") or {}
-    if guard_state.get("tripped"):
-        click.echo(f"REVOCATIONS HELD since {guard_state['tripped_at']}: {guard_state['reason']}")
+    guard_state = report["revocation_guard"]
+    if guard_state["tripped"]:
+        click.echo(f"REVOCATIONS HELD since {guard_state.get('tripped_at')}: {guard_state.get('reason')}")
     last = report["last_sweep"]
     if last is None:
         click.echo("last sweep never")
@@ -336,7 +363,7 @@ def _print_status(report: dict[str, Any]) -> None:
         )
 
 
-def _print_session(report: dict[str, Any]) -> None:
+def _print_session(report: SessionReport) -> None:
     click.echo(f"session {report['id']}  user {report['user_id']}  {report['state']}")
     if report["end_reason"]:
         click.echo(f"ended {report['ended_at']}: {report['end_reason']}")

@@ -8,7 +8,7 @@ Nothing printed here ever holds a token.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -144,7 +144,7 @@ def _ids(ids: Sequence[int]) -> str:
     return ", ".join(map(str, ids)) if ids else "-"
 
 
-def _report(data: dict[str, Any], as_json: bool, text: str) -> None:
+def _report(data: Mapping[str, Any], as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, sort_keys=True) if as_json else text)
 
 

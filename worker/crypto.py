@@ -19,13 +19,17 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from worker import errors, settings
+from worker import errors
+
+if TYPE_CHECKING:  # for typing only: settings checks its keys with this module, so crypto sits below it
+    from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class TokenCipher:
         return f"TokenCipher(<{len(self._lookup_keys)} keys>)"
 
     @classmethod
-    def from_settings(cls, config: settings.Settings) -> TokenCipher:
+    def from_settings(cls, config: Settings) -> TokenCipher:
         """The cipher for SESSION_SYNC_ENCRYPTION_KEYS; without it, a development key (SQLite only)."""
         if config.encryption_keys is not None:
             return cls(parse_keys(config.encryption_keys.get_secret_value()))

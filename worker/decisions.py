@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from worker import wire
+from worker import errors, wire
 
 
 class Action(enum.StrEnum):
@@ -118,11 +118,36 @@ class Answer:
     retry_after: float | None = None
     #: Pangea's ``request_id`` of the answer (or of the failed attempt), for the audit trail.
     request_id: str | None = None
+    #: Pangea refused the request itself (ValidationError, NotFound, ...): the same request cannot succeed.
+    #: The outbox dead-letters such a logout at once; a check keeps the session and tries again later.
+    final: bool = False
 
     @classmethod
     def failed(cls, failure: Failure, *, retry_after: float | None = None, request_id: str | None = None) -> Answer:
         """No answer, for this reason."""
         return cls(failure=failure, retry_after=retry_after, request_id=request_id)
+
+
+def failed(exc: errors.SessionSyncError) -> Answer:
+    """The no-answer that an error from the tree stands for: the one mapping, for the sync engine and the outbox.
+
+    Not an answer about a user's token (those are values, never errors), so nothing here may revoke.
+    An error outside the AuthN branch (a token we cannot decrypt) counts as Pangea unavailable: retried.
+    """
+    retry_after = None
+    if isinstance(exc, errors.AuthnRejectedUs):
+        failure = Failure.REJECTED_US
+    elif isinstance(exc, errors.AuthnRateLimited):
+        failure, retry_after = Failure.RATE_LIMITED, exc.retry_after
+    elif isinstance(exc, errors.AuthnOutcomeUnknown):
+        failure = Failure.OUTCOME_UNKNOWN
+    elif isinstance(exc, errors.AuthnProtocolError | errors.AuthnRequestRejected):
+        failure = Failure.PROTOCOL
+    else:
+        failure = Failure.UNAVAILABLE
+    request_id = exc.request_id if isinstance(exc, errors.AuthnError) else None
+    final = isinstance(exc, errors.AuthnRequestRejected)
+    return Answer(failure=failure, retry_after=retry_after, request_id=request_id, final=final)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +171,22 @@ class Decision:
         return {Action.KEEP: "kept", Action.REFRESH: "refresh", Action.REVOKE: "revoked", Action.STOP: "stopped"}[
             self.action
         ]
+
+
+def is_routine(decision: Decision, facts: SessionFacts, now: datetime, policy: Policy) -> bool:
+    """Whether ``decision`` leaves the session as it was, on its group's schedule: nothing to write.
+
+    Kept, healthy (no failure, no uncertain refresh, nothing to forget), its expiry as stored, and
+    nothing due before the next check interval: its group's next round looks at it in time.
+    """
+    return (
+        decision.action is Action.KEEP
+        and decision.failures == 0
+        and not decision.uncertain
+        and not decision.drop_refresh_token
+        and decision.next_check_at is not None
+        and decision.next_check_at >= now + policy.check_interval
+    )
 
 
 def refresh_margin(facts: SessionFacts, policy: Policy, rng: random.Random) -> timedelta:
@@ -212,7 +253,10 @@ def after_check(facts: SessionFacts, answer: Answer, now: datetime, policy: Poli
         if can_refresh(facts, now):
             return Decision(action=Action.REFRESH)
         return Decision(action=Action.REVOKE, reason="refresh_lost" if facts.uncertain else "expired")
-    known = replace(facts, active_expires_at=answer.active_expires_at or facts.active_expires_at)
+    told = answer.active_expires_at
+    # The routine case (the expiry Pangea tells is the one we hold) copies nothing: replace() is the
+    # dearest call of a kept check after the database's.
+    known = facts if told is None or told == facts.active_expires_at else replace(facts, active_expires_at=told)
     if can_refresh(known, now) and now >= refresh_due_at(known, policy, rng):
         return Decision(action=Action.REFRESH, active_expires_at=known.active_expires_at)
     return Decision(

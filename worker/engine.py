@@ -10,70 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import secrets
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import orm
 
 from worker import audit, authn, crypto, decisions, errors, guard, outbox_queries, queries, ratelimit, wire
+from worker.counts import SyncCounts as Counts
 from worker.decisions import Action, Answer, Failure, Settled
+from worker.decisions import failed as _failed
+from worker.errors import OurTokenRejected
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class Counts:
-    """What a batch, sweep or resync did; ids and counts only (safe for task results and Flower)."""
-
-    checked: int = 0
-    refreshed: int = 0
-    revoked: int = 0
-    failed: int = 0
-    kept: int = 0
-    #: Revocations the mass-revocation guard held back (the sessions stay active).
-    held: int = 0
-    #: Decisions not written because the row moved on meanwhile (logged out, taken over): not done.
-    dropped: int = 0
-    stopped: bool = False
-    reasons: Counter[str] = field(default_factory=Counter)
-
-    def add(self, other: Counts) -> None:
-        """Fold another Counts into this one."""
-        self.checked += other.checked
-        self.refreshed += other.refreshed
-        self.revoked += other.revoked
-        self.failed += other.failed
-        self.kept += other.kept
-        self.held += other.held
-        self.dropped += other.dropped
-        self.stopped = self.stopped or other.stopped
-        self.reasons.update(other.reasons)
-
-    def as_dict(self) -> dict[str, object]:
-        """A JSON-friendly summary."""
-        return {
-            "checked": self.checked,
-            "refreshed": self.refreshed,
-            "revoked": self.revoked,
-            "failed": self.failed,
-            "kept": self.kept,
-            "held": self.held,
-            "dropped": self.dropped,
-            "stopped": self.stopped,
-            "revoked_by_reason": dict(self.reasons),
-        }
-
-
-class OurTokenRejected(errors.AuthnRejectedUs):
-    """Raised when Pangea refused our own token during a sweep: nothing was changed."""
 
 
 class _Work:
@@ -170,79 +126,158 @@ class SyncEngine:
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def process_batch(
-        self,
-        *,
-        user_id: str | None = None,
-        session_ids: Sequence[int] | None = None,
-        confirm_revocations: bool = False,
-        due_by: datetime | None = None,
-    ) -> Counts:
-        """Claim one batch of sessions due (by ``due_by``, default now) and bring each in line with Pangea."""
+    async def process_batch(self, *, confirm_revocations: bool = False, due_by: datetime | None = None) -> Counts:
+        """Take the next piece of due work (by ``due_by``, default now) and bring its sessions in line with Pangea.
+
+        Sessions with a due time of their own come first (a batch of them, each claimed by its
+        row: refreshes, backoffs, uncertain refreshes are few); else one due check group, whose round
+        goes through its sessions page by page and writes only what changed.
+        """
+        while True:  # a group with no session to check (empty, or all on their own schedule) is not a batch
+            counts = await self._next(confirm_revocations=confirm_revocations, due_by=due_by)
+            if counts is None:
+                return Counts()
+            if counts.checked or counts.stopped:
+                return counts
+
+    async def _next(self, *, confirm_revocations: bool, due_by: datetime | None) -> Counts | None:
+        """One piece of due work, as :meth:`process_batch`; None when nothing was due."""
         claim_token = secrets.token_hex(16)
         now = self._clock()
+        due_by = due_by or now
         claimed = await self._in_transaction(
             lambda db: queries.claim_due_sessions(
-                db,
-                now=now,
-                limit=self._batch_size,
-                lease=self._lease,
-                claim_token=claim_token,
-                user_id=user_id,
-                session_ids=session_ids,
-                due_by=due_by,
+                db, now=now, limit=self._batch_size, lease=self._lease, claim_token=claim_token, due_by=due_by
             )
         )
-        if not claimed:
-            return Counts()
+        if claimed:
+            try:
+                counts, _ = await self._process(claimed, confirm_revocations=confirm_revocations)
+                return counts
+            except OurTokenRejected as exc:
+                # Pangea refusing our token is the run's outcome, as in the outbox: counts that say stopped.
+                with self._sessions.begin() as db:
+                    queries.release(db, claim_token=claim_token)
+                logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+                return Counts(stopped=True)
+            except BaseException:
+                # Whatever went wrong, give the rows back now instead of when the lease lapses.
+                with self._sessions.begin() as db:
+                    queries.release(db, claim_token=claim_token)
+                raise
+        groups = await self._in_transaction(
+            lambda db: queries.take_groups(
+                db,
+                now=now,
+                lease=self._lease,
+                interval=self._policy.check_interval,
+                claim_token=claim_token,
+                due_by=due_by,
+                sessions=self._batch_size,
+            )
+        )
+        if not groups:
+            return None
         try:
-            return await self._process(claimed, confirm_revocations=confirm_revocations)
-        except BaseException:
-            # Whatever went wrong, give the rows back now instead of when the lease lapses.
+            return await self._round(groups, confirm_revocations=confirm_revocations)
+        except OurTokenRejected as exc:
+            # Pangea refusing our token is the run's outcome, as in the outbox: counts that say stopped.
             with self._sessions.begin() as db:
-                queries.release(db, claim_token=claim_token)
+                queries.release_groups(db, groups)
+            logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+            return Counts(stopped=True)
+        except BaseException:
+            with self._sessions.begin() as db:  # the cursors stay: the next worker resumes there
+                queries.release_groups(db, groups)
             raise
 
-    async def drain(
-        self,
-        *,
-        user_id: str | None = None,
-        session_ids: Sequence[int] | None = None,
-        confirm_revocations: bool = False,
-    ) -> Counts:
-        """Process batches until nothing is due (``sweep --once``, resync).
+    async def _round(self, groups: list[queries.GroupRound], *, confirm_revocations: bool) -> Counts:
+        """Go through the rounds of these groups (or what is left of them), a batch of sessions at a time.
 
-        ``batches_in_flight`` batches run at once, each with its own claim, so one batch's database
-        work and its last slow answers overlap the next one's requests. After a failure no lane
-        starts another batch, but none is cut short either (a refresh in flight is never abandoned);
-        then the first failure is raised as it is. Only sessions due when the drain starts are
-        taken: under a storm of failures, sessions backing off become due again within seconds, and
-        a drain that chased them would never end.
+        Each batch (up to ``batch_size`` sessions, from one large group or several small ones) is
+        read without a write, checked, and its changed sessions written in one transaction with the
+        groups' cursors (which renew their leases); a group whose sessions are all done is finished.
+        A lease lost to another worker ends this worker's part of that round: the other goes on
+        from the last page written.
+        """
+        total = Counts()
+        cursors = {g.id: g.cursor for g in groups}
+        done = dict.fromkeys(cursors, 0)
+        live = list(groups)
+        while live:
+            now = self._clock()
+            batch: list[queries.ClaimedSession] = []
+            moved: list[tuple[queries.GroupRound, tuple[int, int]]] = []
+            finished: list[queries.GroupRound] = []
+            for group in live:
+                room = self._batch_size - len(batch)
+                if room <= 0:
+                    break
+                page = await self._in_transaction(
+                    functools.partial(queries.group_page, group=group, cursor=cursors[group.id], limit=room, now=now)
+                )
+                batch.extend(page)
+                if page:
+                    moved.append((group, (page[-1].bucket, page[-1].id)))
+                    done[group.id] += len(page)
+                if len(page) < room:
+                    finished.append(group)
+            ours: set[int] = {g.id for g in live}
+            # A group whose sessions this batch finishes is finished in the batch's own write.
+            closing = {g.id: done[g.id] for g in finished if any(m.id == g.id for m, _ in moved)}
+            if batch:
+                counts, kept = await self._process(
+                    batch, confirm_revocations=confirm_revocations, groups=moved, finishing=closing
+                )
+                total.add(counts)
+                if counts.stopped:
+                    return total
+                # a group with no session in this batch kept its lease; one with sessions, if its write took
+                ours = kept | (ours - {g.id for g, _ in moved})
+            for group, cursor in moved:
+                cursors[group.id] = cursor
+            ending = [g for g in finished if g.id in ours and g.id not in closing]
+            if ending:
+
+                def finish(db: orm.Session, ending: list[queries.GroupRound] = ending) -> None:
+                    for group in ending:
+                        queries.finish_group(db, group=group, sessions=done[group.id])
+
+                await self._in_transaction(finish)
+            live = [g for g in live if g.id in ours and g not in finished]
+        return total
+
+    async def drain(self, *, confirm_revocations: bool = False) -> Counts:
+        """Process due work until nothing is due (``sweep --once``, ``resync --all``).
+
+        ``batches_in_flight`` lanes run at once, each taking its own work (a batch of sessions due
+        on their own, or a group), so one lane's database work and its last slow answers overlap the
+        next one's requests. After a failure no lane starts more work, but none is cut short either
+        (a refresh in flight is never abandoned); then the first failure is raised as it is. Only
+        work due when the drain starts is taken: under a storm of failures, sessions backing off
+        become due again within seconds, and a drain that chased them would never end.
         """
         total = Counts()
         failed: list[Exception] = []
         due_by = self._clock()
 
         async def lane() -> None:
-            while not failed:
+            while not failed and not total.stopped:
                 try:
-                    counts = await self.process_batch(
-                        user_id=user_id,
-                        session_ids=session_ids,
-                        confirm_revocations=confirm_revocations,
-                        due_by=due_by,
-                    )
+                    counts = await self._next(confirm_revocations=confirm_revocations, due_by=due_by)
                 except Exception as exc:
                     failed.append(exc)
                     return
+                if counts is None:
+                    return
                 total.add(counts)
-                if counts.checked == 0 or counts.stopped:
+                if counts.stopped:
                     return
 
         lanes = [asyncio.ensure_future(lane()) for _ in range(self._batches_in_flight)]
         try:
             await asyncio.gather(*lanes)
-        except BaseException:  # cancelled from outside: each lane gives its rows back
+        except BaseException:  # cancelled from outside: each lane gives its work back
             for other in lanes:
                 other.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
@@ -258,21 +293,63 @@ class SyncEngine:
         session_ids: Sequence[int] | None = None,
         confirm_revocations: bool = False,
     ) -> Counts:
-        """Re-check sessions now, whatever their ``next_check_at`` (one, a user's, or all).
+        """Re-check sessions now, whatever their schedule (some by id, a user's, or all).
 
-        ``confirm_revocations`` is the operator's answer to a tripped mass-revocation guard: it
-        clears the guard and lets this resync revoke whatever Pangea says is gone.
+        All: every group's round and every session with a due time of its own is made due now (a
+        row per group, not per session), then drained like a sweep. Some: they are read in pages,
+        checked, and only what the checks change is written; sessions under another worker's live
+        lease are left to it. ``confirm_revocations`` is the operator's answer to a tripped
+        mass-revocation guard: it clears the guard and lets this resync revoke whatever Pangea says is gone.
         """
         with self._sessions.begin() as db:
             now = self._clock()
             if confirm_revocations:
                 guard.clear(db, now=now)
-            queries.make_due(db, now=now, user_id=user_id, session_ids=session_ids)
-        return await self.drain(user_id=user_id, session_ids=session_ids, confirm_revocations=confirm_revocations)
+            if user_id is None and session_ids is None:
+                queries.make_due(db, now=now)
+        if user_id is None and session_ids is None:
+            return await self.drain(confirm_revocations=confirm_revocations)
+        total, after = Counts(), 0
+        while True:
+            now = self._clock()
+            page = await self._in_transaction(
+                functools.partial(
+                    queries.read_sessions,
+                    now=now,
+                    limit=self._batch_size,
+                    after_id=after,
+                    user_id=user_id,
+                    session_ids=session_ids,
+                )
+            )
+            if not page:
+                return total
+            try:
+                counts, _ = await self._process(page, confirm_revocations=confirm_revocations)
+            except OurTokenRejected as exc:
+                logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+                counts = Counts(stopped=True)
+            total.add(counts)
+            after = page[-1].id
+            if counts.stopped:
+                return total
 
     # --- one batch -----------------------------------------------------------------------------
 
-    async def _process(self, claimed: list[queries.ClaimedSession], *, confirm_revocations: bool) -> Counts:
+    async def _process(
+        self,
+        claimed: list[queries.ClaimedSession],
+        *,
+        confirm_revocations: bool,
+        groups: Sequence[tuple[queries.GroupRound, tuple[int, int]]] = (),
+        finishing: Mapping[int, int] | None = None,
+    ) -> tuple[Counts, set[int]]:
+        """Check one batch (of sessions due on their own, or from groups' rounds) and write what changed.
+
+        ``groups``: the groups the batch comes from, each with its cursor after the batch; those in
+        ``finishing`` (id: sessions its round went through) are finished instead. Returns the counts,
+        and the groups whose leases were still ours (their cursors moved on, or their rounds ended).
+        """
         work = [_Work(s, self._cipher) for s in claimed]
         now = self._clock()
         to_refresh: list[_Work] = []
@@ -283,29 +360,46 @@ class SyncEngine:
 
         answers = await self._revalidate(to_check, learn=to_refresh)
         now = self._clock()
-        outcome = _Outcome()
+        outcome = _Outcome(self._policy)
         for w in to_check:
             decision = decisions.after_check(w.facts, answers[w.session.id], now, self._policy, self._rng)
             if decision.action is Action.STOP:
-                raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped and changed nothing")
+                raise errors.OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped, changed nothing")
             if decision.action is Action.REFRESH:
                 to_refresh.append(w)
             else:
                 outcome.add(w, decision, answers[w.session.id], checked=True)
 
         learned = {w.session.id: w.learned_session_id for w in work if w.learned_session_id is not None}
+        unmarked = [w.session for w in to_refresh if w.session.claim_token is None]
 
-        def write(db: orm.Session) -> None:
+        def write(db: orm.Session) -> set[int]:
             self._hold_if_mass_revocation(db, outcome, checked=len(to_check), now=now, bypass=confirm_revocations)
             outcome.apply(db, now)
             queries.learn_session_ids(db, learned)
+            marked = queries.mark_refreshing(db, unmarked, until=now + self._refresh_lease)
+            for w in to_refresh:
+                if w.session.id in marked:
+                    w.session = dataclasses.replace(w.session, next_check_at=now + self._refresh_lease)
+            ended = finishing or {}
+            return {
+                g.id
+                for g, cursor in groups
+                if (
+                    queries.finish_group(db, group=g, sessions=ended[g.id])
+                    if g.id in ended
+                    else queries.advance_group(db, g, cursor=cursor, now=now, lease=self._lease)
+                )
+            }
 
-        await self._in_transaction(write)
+        ours = await self._in_transaction(write)
         counts = outcome.counts
         counts.checked = len(work)
+        # A session the marking missed moved on (logged out, taken by another worker): not ours to refresh.
+        to_refresh = [w for w in to_refresh if w.session.claim_token is not None or w.session.next_check_at is not None]
         if to_refresh:
             counts.add(await self._refresh_all(to_refresh, confirm_revocations=confirm_revocations))
-        return counts
+        return counts, ours
 
     async def _in_transaction(self, work: Callable[[orm.Session], T]) -> T:
         """Run ``work`` in one short transaction of its own.
@@ -325,7 +419,9 @@ class SyncEngine:
     def _hold_if_mass_revocation(
         self, db: orm.Session, outcome: _Outcome, *, checked: int, now: datetime, bypass: bool
     ) -> None:
-        would_revoke = len(outcome.revocations)
+        # A session whose lost refresh we proved and ended at Pangea ourselves is no word of Pangea's
+        # that sessions are gone (a wrong project lists none of ours to end): not weighed.
+        would_revoke = sum(e.outcome != decisions.Settled.ORPHAN_ENDED for e in outcome.revocations)
         if guard.hold_revocations(
             db, checked=checked, would_revoke=would_revoke, limits=self._guard_limits, now=now, bypass=bypass
         ):
@@ -400,7 +496,7 @@ class SyncEngine:
         What is left (refusals, failures, spent tokens) is decided and written for the batch in one
         transaction, under the mass-revocation guard.
         """
-        outcome = _Outcome()
+        outcome = _Outcome(self._policy)
         work = await self._settle_uncertain(work, outcome)
         results = await asyncio.gather(*(self._refresh_one(w) for w in work))
         now = self._clock()
@@ -428,7 +524,7 @@ class SyncEngine:
 
         await self._in_transaction(write)
         if stopped:
-            raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
+            raise errors.OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
         counts = outcome.counts
         counts.refreshed += stored
         return counts
@@ -444,13 +540,14 @@ class SyncEngine:
             return work
         settled = await self._settle(unsure)
         if self._bulk:
-            settled.update(await self._end_orphans([w for w in unsure if settled[w.session.id][0] is Settled.SPENT]))
+            spent = [w for w in unsure if settled[w.session.id][0] is Settled.SPENT]
+            settled.update(await self._end_orphans(spent, outcome))
         now = self._clock()
         for w in unsure:
             verdict, answer = settled[w.session.id]
             decision = decisions.after_settling(w.facts, verdict, answer, now, self._policy, self._rng)
             if decision.action is Action.STOP:
-                raise OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
+                raise errors.OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped")
             if decision.action is not Action.REFRESH:
                 named = verdict.value if verdict is not None else None
                 outcome.add(w, decision, answer, checked=verdict is not None, outcome=named)
@@ -476,13 +573,20 @@ class SyncEngine:
         settled.update(zip((w.session.id for w in unsure), answers, strict=True))
         return settled
 
-    async def _end_orphans(self, spent: list[_Work]) -> dict[int, tuple[decisions.Settled | None, Answer]]:
+    async def _end_orphans(
+        self, spent: list[_Work], outcome: _Outcome
+    ) -> dict[int, tuple[decisions.Settled | None, Answer]]:
         """End at Pangea the sessions that a refresh whose answer we lost left with tokens nobody holds.
 
         A session that Pangea lists under its id (owned by our user) with an active token other than
         ours was refreshed: the new tokens exist only at Pangea. With a service token it is ended by
-        that id, so no live session hangs on tokens no one holds. Best effort: a failure leaves the
-        session as settling found it (kept until the active token we hold lapses).
+        that id, so no live session hangs on tokens no one holds. A failure to end it is settled as
+        no answer: the session stays uncertain, is settled again later, and its orphan ended then.
+
+        Each is ended under the row's hold (:meth:`_take_hold`), taken once Pangea showed the other
+        token and before the session is ended: a batch that outlived its lease may hold a stale read,
+        and the "other active token" it sees may be the one a worker that took the row over has just
+        refreshed to. That session is not an orphan, and only the hold tells the two apart.
         """
         ended: dict[int, tuple[decisions.Settled | None, Answer]] = {}
         for w in spent:
@@ -494,10 +598,22 @@ class SyncEngine:
                 item = await self._client.session_of(w.session.user_id, session_id=pangea_id)
                 if item is None or item.active_token is None or item.active_token.id == w.session.active_token_id:
                     continue  # gone already, or nothing to prove a refresh happened
+                try:
+                    hold = await self._take_hold(w)
+                except Exception:
+                    logger.exception("Orphan of session %s kept: no hold", w.session.id, extra=_ORPHAN_KEPT)
+                    ended[w.session.id] = (None, Answer.failed(Failure.UNAVAILABLE))
+                    continue
+                if hold is None:
+                    continue  # the row moved on: its settling is not ours to write either (the guard drops it)
+                outcome.holds[w.session.id] = hold
                 await self._limiter.acquire()
                 result = await self._client.session_invalidate(item.id)
             except errors.AuthnError as exc:
-                logger.info("Orphaned session of %s not ended: %s", w.session.id, exc, extra={"action": "orphan_kept"})
+                # Settled as no answer: the session keeps its (spent) refresh token, so it is settled
+                # again, and the orphan ended then, instead of living on at Pangea after one failure.
+                logger.info("Orphaned session of %s not ended: %s", w.session.id, exc, extra=_ORPHAN_KEPT)
+                ended[w.session.id] = (None, _failed(exc))
                 continue
             if result.verdict is wire.Verdict.VALID:
                 logger.info(
@@ -525,6 +641,21 @@ class SyncEngine:
         mine = next((s for s in page.sessions if s.active_token is not None), None)
         return _settled(mine)
 
+    async def _take_hold(self, w: _Work) -> tuple[str, int] | None:
+        """Take the hold on ``w``'s row before an act at Pangea that cannot be undone; ``(token, version)``.
+
+        A refresh, or ending a lost refresh's orphan. Compare-and-swap on the claim the batch read
+        (:func:`worker.queries.begin_refresh`): None when the row moved on since, because the app
+        ended it or, the batch's lease having lapsed, another worker took it over (and may have
+        refreshed it). Such a row is not ours to act on at Pangea, whatever the batch read of it.
+        """
+        hold_token = secrets.token_hex(16)
+        now = self._clock()
+        version = await self._in_transaction(
+            lambda db: queries.begin_refresh(db, w.session, now=now, lease=self._refresh_lease, hold_token=hold_token)
+        )
+        return None if version is None else (hold_token, version)
+
     async def _refresh_one(self, w: _Work) -> _Refreshed:
         """One refresh: wait for a slot and the rate limit, take the hold, send once, store at once.
 
@@ -538,21 +669,14 @@ class SyncEngine:
                 refresh_token, user_token = w.refresh_token, w.active_token
                 assert refresh_token is not None
                 await self._limiter.acquire()
-                hold_token = secrets.token_hex(16)
-                now = self._clock()
-                version = await self._in_transaction(
-                    lambda db: queries.begin_refresh(
-                        db, w.session, now=now, lease=self._refresh_lease, hold_token=hold_token
-                    )
-                )
+                hold = await self._take_hold(w)
             except Exception:
                 # Nothing was sent: a token that will not decrypt, the database gone. The row goes
                 # back with the batch's claim and is tried again; the others of the batch go on.
                 logger.exception("Refresh of session %s not started", w.session.id, extra={"action": "refresh_error"})
                 return _Refreshed(hold=None, answer=Answer.failed(Failure.UNAVAILABLE))
-            if version is None:
+            if hold is None:
                 return _Refreshed(hold=None, answer=Answer())  # the row moved on: not ours to refresh
-            hold = (hold_token, version)
             try:
                 async with asyncio.timeout(self._refresh_timeout):
                     result = await self._client.refresh(refresh_token, user_token=user_token)
@@ -588,6 +712,8 @@ class SyncEngine:
         )
         decision = decisions.after_refresh(fresh, answer, now, self._policy, self._rng)
         row = self._stored_row(w, creds, decision)
+        if decisions.is_routine(decision, fresh, now, self._policy):
+            row["next_check_at"] = None  # back on its group's schedule
 
         def write(db: orm.Session) -> bool:
             if queries.store_refreshed(db, row, now=now):
@@ -600,7 +726,7 @@ class SyncEngine:
                 )
                 audit.record_one(
                     db,
-                    audit.Event(session_id=w.session.id, action="refreshed_after_end", outcome="logout_queued"),
+                    audit.Event(session_id=w.session.id, action="late_refresh", outcome="logout_queued"),
                     now=now,
                 )
             return False
@@ -677,7 +803,8 @@ class _Outcome:
     counted as ``dropped`` and leaves no trace in the audit trail, the task result or the metrics.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, policy: decisions.Policy) -> None:
+        self._policy = policy
         #: ``(hold token, version)`` of sessions whose refresh hold this batch took; the others are
         #: guarded by their claim.
         self.holds: dict[int, tuple[str, int]] = {}
@@ -711,19 +838,44 @@ class _Outcome:
             self.keep.append(_Decided(entry.work, kept, entry.answer, entry.outcome, checked, held_reason=reason))
         self.revocations = []
 
-    def _keep_row(self, entry: _Decided) -> dict[str, object]:
+    def _routine(self, entry: _Decided, now: datetime) -> bool:
+        return entry.held_reason is None and decisions.is_routine(entry.decision, entry.work.facts, now, self._policy)
+
+    def _needs_write(self, entry: _Decided, now: datetime) -> bool:
+        """Whether a kept decision changes anything: a routine check of a session on its group's schedule does not."""
+        s, d = entry.work.session, entry.decision
+        return not (
+            self._routine(entry, now)
+            and s.claim_token is None
+            and s.next_check_at is None
+            and s.id not in self.holds
+            and (d.active_expires_at is None or d.active_expires_at == s.active_expires_at)
+        )
+
+    def _keep_row(self, entry: _Decided, now: datetime) -> dict[str, object]:
         d = entry.decision
         return self._guard(entry.work) | {
-            "next_check_at": d.next_check_at,
+            # A routine outcome puts the session (back) on its group's schedule.
+            "next_check_at": None if self._routine(entry, now) else d.next_check_at,
             "failures": d.failures,
             "uncertain": d.uncertain,
             "active_expires_at": d.active_expires_at,
             "checked": entry.checked,
         }
 
+    def _explains(self, entry: _Decided, now: datetime) -> bool:
+        """Whether a written kept decision goes in the audit trail: it changed something the session's
+        history should explain (a failure, a recovery, an uncertain refresh, a new expiry), not merely
+        its schedule (a login's first check, a refresh's next one)."""
+        facts, d = entry.work.facts, entry.decision
+        new_expiry = d.active_expires_at is not None and d.active_expires_at != facts.active_expires_at
+        return not self._routine(entry, now) or facts.failures > 0 or facts.uncertain or new_expiry
+
     def apply(self, db: orm.Session, now: datetime) -> None:
         """Write the batch's decisions; count and audit only those the database took."""
-        kept = queries.record_checks(db, [self._keep_row(e) for e in self.keep], now=now)
+        unwritten = [e for e in self.keep if not self._needs_write(e, now)]
+        self.keep = [e for e in self.keep if self._needs_write(e, now)]
+        kept = queries.record_checks(db, [self._keep_row(e, now) for e in self.keep], now=now)
         revoked = queries.revoke(
             db,
             [self._guard(e.work) | {"reason": e.decision.reason or "invalid_token"} for e in self.revocations],
@@ -734,6 +886,7 @@ class _Outcome:
         )
         events: list[audit.Event] = []
         counts = self.counts
+        counts.kept += len(unwritten)  # routine: nothing changed, nothing written, nothing to explain
         for e in self.keep:
             if e.work.session.id not in kept:
                 counts.dropped += 1
@@ -755,7 +908,8 @@ class _Outcome:
                     counts.failed += 1
                 else:
                     counts.kept += 1
-                events.append(audit.Event.of(e.work.session.id, e.decision, e.answer, outcome=e.outcome))
+                if self._explains(e, now):
+                    events.append(audit.Event.of(e.work.session.id, e.decision, e.answer, outcome=e.outcome))
         for e in self.revocations:
             if e.work.session.id not in revoked:
                 counts.dropped += 1
@@ -767,24 +921,12 @@ class _Outcome:
         audit.record(db, events, now=now)
 
 
+#: Log extra of an orphaned Pangea session left for a later settling.
+_ORPHAN_KEPT = {"action": "orphan_kept"}
+
+
 def _settled(item: wire.SessionItem | None) -> tuple[decisions.Settled, Answer]:
     """The list's word on one uncertain session: its item if it still carries our active token."""
     if item is None or item.active_token is None:
         return decisions.Settled.SPENT, Answer()
     return decisions.Settled.UNSPENT, Answer(verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire)
-
-
-def _failed(exc: errors.AuthnError) -> Answer:
-    """The no-answer that a failure to reach Pangea stands for."""
-    retry_after = None
-    if isinstance(exc, errors.AuthnRejectedUs):
-        failure = Failure.REJECTED_US
-    elif isinstance(exc, errors.AuthnRateLimited):
-        failure, retry_after = Failure.RATE_LIMITED, exc.retry_after
-    elif isinstance(exc, errors.AuthnOutcomeUnknown):
-        failure = Failure.OUTCOME_UNKNOWN
-    elif isinstance(exc, errors.AuthnProtocolError | errors.AuthnRequestRejected):
-        failure = Failure.PROTOCOL
-    else:
-        failure = Failure.UNAVAILABLE
-    return Answer.failed(failure, retry_after=retry_after, request_id=exc.request_id)

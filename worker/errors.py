@@ -11,6 +11,7 @@
           AuthnOutcomeUnknown  the request may have been performed but its answer was lost
         AuthnRateLimited     429 / TooManyRequests; .retry_after
         AuthnRejectedUs      Unauthorized: our own token is wrong
+          OurTokenRejected     ... during a sweep or a resync, which stopped there and changed nothing
         AuthnProtocolError   not Pangea's answer: the body, the envelope, an unknown status, Success not under 200
         AuthnRequestRejected Pangea refused the request itself (ValidationError, NotFound, ...)
           AuthnRequestInvalid  ... for its shape (ValidationError, result.errors, HTTP 413): .sources
@@ -18,6 +19,7 @@
       LoginConflict          from sessions.record_login: its tokens belong to an ended or other session
       SessionInvalid         from sessions.authenticate; .www_authenticate
       UnknownSession         from sessions.logout / logout_user: no such local session or user
+      WaitTimeout            from the CLI's --wait: the tasks did not all finish in time (says which, and where)
 
 Pangea's *answers* about a user token (``InvalidToken``, ``ExpiredToken``) are not errors: the
 AuthN client returns them as values. Only values may revoke a session (design invariant 1).
@@ -25,6 +27,27 @@ No message in this tree ever contains a token.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "AuthnError",
+    "AuthnOutcomeUnknown",
+    "AuthnProtocolError",
+    "AuthnRateLimited",
+    "AuthnRejectedUs",
+    "AuthnRequestInvalid",
+    "AuthnRequestRejected",
+    "AuthnUnavailable",
+    "AuthnUnreachable",
+    "ConfigError",
+    "CryptoError",
+    "InvalidUserinfo",
+    "LoginConflict",
+    "OurTokenRejected",
+    "SessionInvalid",
+    "SessionSyncError",
+    "UnknownSession",
+    "WaitTimeout",
+]
 
 
 class SessionSyncError(Exception):
@@ -99,6 +122,10 @@ class AuthnRateLimited(AuthnError):
 
 class AuthnRejectedUs(AuthnError):
     """Raised when Pangea answered Unauthorized: our own PANGEA_AUTHN_TOKEN is wrong or lacks rights."""
+
+
+class OurTokenRejected(AuthnRejectedUs):
+    """Raised when Pangea refused our own token during a sweep or a resync: it stopped, nothing was changed."""
 
 
 class AuthnProtocolError(AuthnError):
@@ -204,3 +231,7 @@ def _rebuild_invalid(description: str, realm: str, reason: str) -> SessionInvali
 
 class UnknownSession(SessionSyncError, LookupError):
     """Raised when a logout names a local session id (or a user id) that has no local session."""
+
+
+class WaitTimeout(SessionSyncError, TimeoutError):
+    """Raised when the tasks did not all finish in time; the message says which are still out, and where."""

@@ -36,7 +36,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: The gauges' values as plain JSON types (see :func:`worker.metrics.gauge_reading`).
+#: The gauges' values as plain JSON types (see :func:`worker.exporter.gauge_reading`).
 Reading = dict[str, Any]
 #: Prefix of the shared key in Redis; the rest names the database (a hash: the URL may hold a password).
 KEY_PREFIX = "session_sync:metrics:gauges:"

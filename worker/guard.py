@@ -11,6 +11,12 @@ The same mistake turns every logout into "already logged out" (InvalidToken from
 project), which the outbox would record as delivered while the sessions live on at the right one.
 So the outbox trips the guard too when a batch's share of such answers is a mass one, and while the
 guard is tripped those answers are held, not taken as deliveries.
+
+Only answers that could tell a wrong project from a right one are weighed. "Already logged out" is
+Pangea's right answer to a logout sent again after an attempt that may have been performed (a
+timeout, an answer lost, a worker killed mid-delivery): ordinary under faults, and under a slow
+Pangea it once came by the dozen, so those retries are weighed by no guard (:func:`first_delivery`);
+a wrong project answers the same to every first delivery, which trips the guard as before.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql, sqlite
 
 from worker import models
+from worker.reports import GuardState
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,15 @@ class Limits:
     def exceeded(self, *, checked: int, would_revoke: int) -> bool:
         """True when ``would_revoke`` out of ``checked`` is a mass revocation."""
         return would_revoke >= self.minimum and would_revoke > self.share * max(checked, 1)
+
+
+def first_delivery(attempts: int, reclaimed: bool) -> bool:
+    """True when a logout is sent for the first time: no attempt of ours can have performed it before.
+
+    ``attempts`` counts the recorded failures; ``reclaimed`` says an earlier claim lapsed (its
+    worker died or lost the database mid-delivery, perhaps after Pangea acted).
+    """
+    return attempts == 0 and not reclaimed
 
 
 #: What tripped the guard, as its reason says it (sweeps revoke; the outbox hears "already logged out").
@@ -99,7 +114,7 @@ def confirmed_since(db: orm.Session, since: datetime) -> bool:
     return row is not None and row.tripped_at is None and row.cleared_at is not None and row.cleared_at > since
 
 
-def state(db: orm.Session) -> dict[str, Any]:
+def state(db: orm.Session) -> GuardState:
     """The guard for status: tripped or not, since when, and why."""
     row = db.get(G, _ROW)
     if row is None or row.tripped_at is None:

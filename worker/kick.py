@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, orm
 
-from worker import errors
+from worker import errors, task_names
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The Celery task that delivers due logouts (stable: other languages and Flower send it by name).
-TASK_NAME = "session_sync.deliver_logouts"
 #: Longest a kick message waits in the broker before it is dropped (the periodic run covers it).
 KICK_EXPIRES = 300.0
 
@@ -55,7 +53,7 @@ def kick_after_commit(db: orm.Session, kick: Kick = None, *, settings: Callable[
 
 def send_delivery_task(broker_url: str, queue: str) -> None:
     """Publish ``session_sync.deliver_logouts`` to ``queue`` on ``broker_url``, without retrying."""
-    _sender_app(broker_url).send_task(TASK_NAME, queue=queue, retry=False, expires=KICK_EXPIRES)
+    _sender_app(broker_url).send_task(task_names.DELIVER_LOGOUTS, queue=queue, retry=False, expires=KICK_EXPIRES)
 
 
 def broker_configured(env: Mapping[str, str] | None = None) -> bool:

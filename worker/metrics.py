@@ -1,16 +1,10 @@
-"""Prometheus metrics, all named ``session_sync_*``, served by the worker on ``SESSION_SYNC_METRICS_PORT``.
+"""Prometheus counters and a histogram, all named ``session_sync_*``, recorded where the work happens.
 
-Two kinds, read two ways:
-
-- **Counters and a histogram** (checks, refreshes, revocations, sweeps, logouts, Pangea request
-  latency) are incremented where the work happens: :mod:`worker.operations` records each batch's
-  :class:`~worker.engine.Counts`, :mod:`worker.authn` times every HTTP call to Pangea.
-- **Gauges of the database** (sessions by state, due backlog, uncertain and failing sessions,
-  outbox by state, last successful sweep, the revocation guard) are not counted in memory:
-  :class:`StatusCollector` reads them from :func:`worker.operations.status` when scraped, so every
-  worker and the CLI agree, and they are right even while no task runs. A reading is reused for
-  ``SESSION_SYNC_METRICS_CACHE`` and shared between workers through Redis
-  (:mod:`worker.gauge_cache`), so scraping N workers does not cost the database N readings.
+What is counted here: checks, refreshes, revocations, sweeps, logouts, Pangea request latency.
+:mod:`worker.operations` records each batch's :class:`~worker.counts.SyncCounts`,
+:mod:`worker.authn` times every HTTP call to Pangea. This module imports nothing of ours above the
+foundation, so the Pangea client can record into it; what ``/metrics`` serves, the scrape-time
+gauges of the database and the HTTP server, is :mod:`worker.exporter`, one layer up.
 
 **Why multiprocess mode.** Celery's prefork pool runs tasks in child processes, so counters live
 in the children while ``/metrics`` is served by the main process, and children come and go
@@ -26,16 +20,14 @@ pushgateway (meant for batch jobs). Its rules, and where each is kept:
    switches prometheus_client's value class, because that class was fixed when the library was
    first imported. Every instrument here is created lazily, after that switch.
 2. Each process writes its values to its own memory-mapped files (``counter_<pid>.db``); the main
-   process sums them at scrape time with ``MultiProcessCollector``. A dead child's counts stay
-   counted, as counters must.
+   process sums them at scrape time with ``MultiProcessCollector`` (:func:`add_counters`). A dead
+   child's counts stay counted, as counters must.
 3. ``mark_process_dead`` runs on ``worker_process_shutdown`` in each child (it matters only for
    live gauges, which we do not keep in files; it is there so adding one stays correct).
-4. The HTTP server starts once, on ``worker_ready`` in the main process: never in beat (which
-   sends no ``worker_*`` signals), never in a pool child. A child forked later closes the listening
-   socket it inherited.
+4. The HTTP server starts once, on ``worker_ready`` in the main process (:mod:`worker.exporter`).
 
 Outside a worker (the CLI, tests) the same instruments count in-process, and
-:func:`serving_registry` reads them from there. Label values are fixed sets (outcomes, reasons,
+:func:`process_registry` reads them from there. Label values are fixed sets (outcomes, reasons,
 endpoint paths, HTTP statuses): never a token, a user id or a session id.
 """
 
@@ -46,24 +38,14 @@ import os
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
-import sqlalchemy as sa
 from prometheus_client import multiprocess, values
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import orm
+from prometheus_client.registry import CollectorRegistry
 
-from worker import models
-from worker.gauge_cache import GaugeCache, Reading
-from worker.settings import Settings
+from worker.counts import LogoutCountsDict, SyncCountsDict
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +147,6 @@ _lock = threading.Lock()
 _registry = CollectorRegistry()  # where the instruments live in this process
 _instruments_: _Instruments | None = None
 _multiprocess: _Multiprocess | None = None
-_server: tuple[WSGIServer, threading.Thread] | None = None
 
 
 def _instruments() -> _Instruments:
@@ -180,18 +161,19 @@ def _instruments() -> _Instruments:
 # --- recording -------------------------------------------------------------------------------------
 
 
-def record_counts(counts: Mapping[str, Any]) -> None:
-    """Count what a batch, ``sweep --once`` or resync did (``Counts.as_dict()``)."""
+def record_counts(counts: SyncCountsDict) -> None:
+    """Count what a batch, ``sweep --once`` or resync did (``SyncCounts.as_dict()``)."""
     m = _instruments()
+    by_outcome = {"kept": counts["kept"], "refreshed": counts["refreshed"], "revoked": counts["revoked"]}
+    by_outcome |= {"held": counts["held"], "failed": counts["failed"]}
     for outcome in CHECK_OUTCOMES:
-        if n := int(counts.get(outcome, 0) or 0):
+        if n := by_outcome[outcome]:
             m.checks.labels(outcome).inc(n)
-    if n := int(counts.get("refreshed", 0) or 0):
+    if n := counts["refreshed"]:
         m.refreshes.inc(n)
-    reasons: Mapping[str, int] = counts.get("revoked_by_reason") or {}
-    for reason, n in reasons.items():
+    for reason, n in counts["revoked_by_reason"].items():
         m.revocations.labels(reason).inc(n)
-    if counts.get("stopped"):
+    if counts["stopped"]:
         m.stops.inc()
 
 
@@ -200,11 +182,13 @@ def record_sweep(*, duplicate: bool) -> None:
     _instruments().sweeps.labels("duplicate" if duplicate else "fanned_out").inc()
 
 
-def record_logouts(counts: Mapping[str, Any]) -> None:
-    """Count what a logout delivery run did (the outbox's ``Counts.as_dict()``)."""
+def record_logouts(counts: LogoutCountsDict) -> None:
+    """Count what a logout delivery run did (``LogoutCounts.as_dict()``)."""
     m = _instruments()
+    by_outcome = {"delivered": counts["delivered"], "already": counts["already"], "retried": counts["retried"]}
+    by_outcome |= {"paused": counts["paused"], "held": counts["held"], "dead": counts["dead"]}
     for outcome in LOGOUT_OUTCOMES:
-        if n := int(counts.get(outcome, 0) or 0):
+        if n := by_outcome[outcome]:
             m.logouts.labels(outcome).inc(n)
 
 
@@ -223,122 +207,7 @@ def record_list_limit(endpoint: str, kind: str, limit: int) -> None:
     _instruments().list_limit.labels(endpoint, kind).set(limit)
 
 
-# --- the database gauges, at scrape time ------------------------------------------------------------
-
-
-def last_successful_sweep(db: orm.Session) -> datetime | None:
-    """When the most recent sweep that did not stop last did something (its last batch, or its start)."""
-    W = models.SweepRun
-    at = db.execute(
-        sa.select(sa.func.max(sa.func.coalesce(W.finished_at, W.started_at))).where(W.stopped.is_(False))
-    ).scalar_one_or_none()
-    if isinstance(at, str):  # SQLite hands an aggregate back as text
-        at = datetime.fromisoformat(at)
-    if isinstance(at, datetime) and at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    return at
-
-
-def gauge_reading(report: Mapping[str, Any]) -> Reading:
-    """The gauges' values from a status report (plus its last successful sweep), as plain JSON types."""
-    backlog = report.get("outbox_backlog") or {}
-    last_ok = report.get("last_successful_sweep_at")
-    return {
-        "sessions": {str(k): int(v) for k, v in (report.get("sessions") or {}).items()},
-        "due": int(report.get("due") or 0),
-        "uncertain": int(report.get("uncertain") or 0),
-        "failing": int(report.get("failing") or 0),
-        "outbox": {str(k): int(v) for k, v in (report.get("outbox") or {}).items()},
-        "outbox_due": int(backlog.get("due") or 0),
-        "outbox_oldest_pending_seconds": float(backlog.get("oldest_pending_seconds") or 0),
-        "last_successful_sweep_timestamp_seconds": last_ok.timestamp() if isinstance(last_ok, datetime) else 0.0,
-        "last_sweep_stopped": int((report.get("last_sweep") or {}).get("stopped") is True),
-        "revocation_guard_tripped": int((report.get("revocation_guard") or {}).get("tripped") is True),
-    }
-
-
-class StatusCollector(Collector):
-    """Gauges of the database (``operations.status``), with ``database_up``, read at most once per
-    ``SESSION_SYNC_METRICS_CACHE`` and shared between workers through Redis (:mod:`worker.gauge_cache`)."""
-
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._settings = settings
-        broker = settings.celery_broker_url
-        self.cache = GaugeCache(
-            self.read,
-            ttl=settings.metrics_cache.total_seconds(),
-            database_url=settings.database_url,
-            redis_url=broker if broker.startswith(("redis://", "rediss://")) else None,
-            clock=clock,
-        )
-
-    def read(self) -> Reading:
-        """One reading of the database, on a runtime opened for it only."""
-        # Imported here: operations → runtime → authn → metrics would otherwise be a cycle.
-        from worker import operations, runtime
-
-        # A runtime per reading: no pooled connection is left for a pool child forked later to inherit.
-        rt = runtime.Runtime(self._settings)
-        try:
-            report = operations.status(rt)
-            with rt.sessions() as db:
-                report["last_successful_sweep_at"] = last_successful_sweep(db)
-            return gauge_reading(report)
-        finally:
-            rt.close()
-
-    def collect(self) -> Iterator[Metric]:
-        """The gauges; if the database cannot be read, only ``session_sync_database_up 0``."""
-        up = GaugeMetricFamily(
-            "session_sync_database_up",
-            "1 if the latest reading of the database (at most SESSION_SYNC_METRICS_CACHE old) succeeded, else 0.",
-        )
-        reading = self.cache.get()
-        up.add_metric([], 0 if reading is None else 1)
-        yield up
-        if reading is not None:
-            yield from status_gauges(reading)
-
-
-def status_gauges(reading: Mapping[str, Any]) -> Iterator[Metric]:
-    """The gauges of one reading (:func:`gauge_reading`)."""
-
-    def gauge(name: str, key: str, doc: str) -> GaugeMetricFamily:
-        return GaugeMetricFamily(f"session_sync_{name}", doc, value=float(reading.get(key) or 0))
-
-    def by_state(name: str, key: str, doc: str) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(f"session_sync_{name}", doc, labels=["state"])
-        for state, n in sorted((reading.get(key) or {}).items()):
-            family.add_metric([state], float(n))
-        return family
-
-    yield by_state("sessions", "sessions", "Local sessions by state.")
-    yield gauge("sessions_due", "due", "Active sessions due for a check now (the backlog).")
-    yield gauge("sessions_uncertain", "uncertain", "Active sessions whose last refresh answer was lost.")
-    yield gauge("sessions_failing", "failing", "Active sessions whose last check got no answer.")
-    yield by_state("outbox_events", "outbox", "Logout outbox events by state.")
-    yield gauge("outbox_due", "outbox_due", "Pending logouts due for delivery now.")
-    yield gauge(
-        "outbox_oldest_pending_seconds",
-        "outbox_oldest_pending_seconds",
-        "Age of the oldest pending logout, in seconds (0: none).",
-    )
-    yield gauge(
-        "last_successful_sweep_timestamp_seconds",
-        "last_successful_sweep_timestamp_seconds",
-        "Unix time of the most recent sweep that was not stopped (0: never).",
-    )
-    yield gauge(
-        "last_sweep_stopped", "last_sweep_stopped", "1 if the most recent sweep stopped (Pangea refused our token)."
-    )
-    yield gauge(
-        "revocation_guard_tripped",
-        "revocation_guard_tripped",
-        "1 while the mass-revocation guard holds revocations back.",
-    )
-
-
-# --- serving ----------------------------------------------------------------------------------------
+# --- multiprocess bookkeeping ----------------------------------------------------------------------
 
 
 def enable_multiprocess() -> Path | None:
@@ -376,6 +245,14 @@ def process_registry() -> CollectorRegistry:
     return _registry
 
 
+def add_counters(registry: CollectorRegistry) -> None:
+    """Register this process's counters and histogram in ``registry``: every pool process's, in multiprocess mode."""
+    if _multiprocess is not None:
+        multiprocess.MultiProcessCollector(registry, str(_multiprocess.path))  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_registry)
+
+
 def _remove_orphans() -> None:
     """Remove private directories left by workers that were killed (SIGKILL skips ``shutdown``)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
@@ -394,49 +271,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def serving_registry(settings: Settings) -> CollectorRegistry:
-    """What ``/metrics`` shows: every process's counters and histogram, and the database gauges."""
-    registry = CollectorRegistry()
-    if _multiprocess is not None:
-        multiprocess.MultiProcessCollector(registry, str(_multiprocess.path))  # type: ignore[no-untyped-call]
-    else:
-        registry.register(_registry)
-    registry.register(StatusCollector(settings))
-    return registry
-
-
-def serve(settings: Settings) -> int | None:
-    """Start the ``/metrics`` server in this process (once); the port it listens on, or None if off or busy."""
-    global _server
-    if settings.metrics_port == 0 or _server is not None:
-        return None
-    _instruments()  # the known series exist from the first scrape
-    try:
-        _server = prometheus_client.start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=serving_registry(settings)
-        )
-    except OSError as exc:
-        logger.warning(
-            "Metrics not served: port %s: %s",
-            settings.metrics_port,
-            exc.strerror or exc,
-            extra={"action": "metrics_unavailable", "port": settings.metrics_port},
-        )
-        return None
-    port = int(_server[0].server_port)
-    where = f"http://{settings.metrics_host}:{port}/metrics"
-    logger.info("Metrics served on %s", where, extra={"action": "metrics_serving", "port": port})
-    return port
-
-
-def after_fork() -> None:
-    """In a pool child: close the listening socket inherited from the main process (it serves, not us)."""
-    global _server
-    if _server is not None:
-        _server[0].socket.close()
-        _server = None
-
-
 def process_exited(pid: int | None = None) -> None:
     """Multiprocess bookkeeping for a pool child that is exiting (``mark_process_dead``)."""
     if _multiprocess is not None:
@@ -445,13 +279,6 @@ def process_exited(pid: int | None = None) -> None:
 
 
 def shutdown() -> None:
-    """Stop serving and remove the private multiprocess directory (main process, at worker shutdown)."""
-    global _server
-    if _server is not None:
-        httpd, thread = _server
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-        _server = None
+    """Remove the private multiprocess directory (main process, at worker shutdown, after serving stopped)."""
     if _multiprocess is not None and _multiprocess.owned:
         shutil.rmtree(_multiprocess.path, ignore_errors=True)

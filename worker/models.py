@@ -21,11 +21,20 @@ PostgreSQL they are ``timestamptz``; on SQLite, text ``YYYY-MM-DD HH:MM:SS.fffff
 - ``active_token_enc`` / ``refresh_token_enc``: Fernet ciphertext (``SESSION_SYNC_ENCRYPTION_KEYS``).
 - ``active_token_id`` / ``pangea_session_id``: Pangea's ``pmt_`` ids of the active token and of the
   session (its refresh token); ``pangea_session_id`` is unique so a push can revoke by id.
-- ``next_check_at``: when the worker looks at the row next (``ix_sessions_next_check_at``, partial
-  ``WHERE state = 'active'``, serves the due scan). ``claimed_until`` / ``claim_token`` are a
-  worker's lease; ``version`` is bumped by every write (optimistic concurrency: write
+- ``bucket``: 0..1023, drawn at random when the row is inserted (the column's default); it places the
+  session in the ``check_groups`` row whose ``lo <= bucket < hi``.
+- ``next_check_at``: NULL while the session is on its group's schedule (the routine case: the group's
+  round checks it and writes nothing unless something changed); a time when the session has a need
+  of its own (a refresh ahead of expiry, a backoff after a failure, an uncertain refresh, a login not
+  yet checked): ``ix_sessions_next_check_at``, partial ``WHERE state = 'active' AND next_check_at IS
+  NOT NULL``, serves that due scan. ``claimed_until`` / ``claim_token`` are a worker's lease on such a
+  row (or a refresh's hold); ``version`` is bumped by every write (optimistic concurrency: write
   ``... SET version = version + 1 WHERE id = :id AND version = :read_version``), which other
   writers must do too. ``uncertain`` marks a refresh whose answer was lost.
+- ``last_checked_at``: when a write of this row last recorded Pangea's word on it. Rows on their
+  group's schedule are not written by a routine check, so *when Pangea last vouched* is derived:
+  the later of ``coalesce(last_checked_at, created_at)`` and the group's verification time
+  (``worker.verification``; README "Database contract").
 - To log a session out from another language, in one transaction: set ``state = 'logged_out'``,
   ``end_reason``, ``ended_at``, ``version = version + 1``, and insert a ``logout_outbox`` row.
 
@@ -45,13 +54,17 @@ PostgreSQL they are ``timestamptz``; on SQLite, text ``YYYY-MM-DD HH:MM:SS.fffff
 from __future__ import annotations
 
 import enum
+import random
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapped, mapped_column
+
+from worker import leases
 
 #: Constraint and index names, stable across dialects and across autogenerate runs.
 NAMING_CONVENTION: dict[str, str] = {
@@ -88,6 +101,11 @@ def fits_id_column(value: object) -> bool:
 
 
 _E = TypeVar("_E", bound=enum.StrEnum)
+
+#: Sessions are spread over this many buckets at random; check groups are ranges of buckets.
+BUCKETS = 1024
+#: The partial index predicate of sessions with a due time of their own.
+OWN_SCHEDULE = "state = 'active' AND next_check_at IS NOT NULL"
 
 
 class SessionState(enum.StrEnum):
@@ -157,6 +175,23 @@ class StrEnumText(sa.TypeDecorator[_E], Generic[_E]):
         return None if value is None else self.enum_class(value)
 
 
+class random_bucket(sa.sql.functions.FunctionElement[int]):
+    """``sessions.bucket``'s server default: a random bucket, so rows other languages insert get one too."""
+
+    type = sa.SmallInteger()
+    inherit_cache = True
+
+
+@compiles(random_bucket, "postgresql")
+def _random_bucket_pg(element: random_bucket, compiler: Any, **kw: Any) -> str:
+    return f"(floor(random() * {BUCKETS}))::smallint"
+
+
+@compiles(random_bucket)
+def _random_bucket_sqlite(element: random_bucket, compiler: Any, **kw: Any) -> str:
+    return f"(abs(random()) % {BUCKETS})"
+
+
 def _in(column: str, enum_class: type[enum.StrEnum]) -> str:
     """SQL text ``column IN ('a', 'b')`` for a CHECK constraint, from the enum's values."""
     values = ", ".join(f"'{member.value}'" for member in enum_class)
@@ -206,7 +241,12 @@ class LocalSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, server_default=sa.func.now())
     last_checked_at: Mapped[datetime | None]
-    next_check_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    #: NULL: on its group's schedule; else when this session's own need (refresh, backoff, ...) is due.
+    next_check_at: Mapped[datetime | None] = mapped_column(default=utcnow, server_default=sa.func.now())
+    #: Which check group the session belongs to (``check_groups.lo <= bucket < hi``); random at insert.
+    bucket: Mapped[int] = mapped_column(
+        sa.SmallInteger(), default=lambda: random.randrange(BUCKETS), server_default=random_bucket()
+    )
     claimed_until: Mapped[datetime | None]
     claim_token: Mapped[str | None] = mapped_column(sa.String(64))
     failures: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
@@ -220,13 +260,22 @@ class LocalSession(Base):
             " OR (state <> 'active' AND end_reason IS NOT NULL AND ended_at IS NOT NULL)",
             name="ended",
         ),
-        # The due scan: state = 'active' AND next_check_at <= :now ORDER BY next_check_at.
+        # The due scan of sessions with needs of their own: next_check_at <= :now ORDER BY next_check_at.
         sa.Index(
             None,
             "next_check_at",
+            postgresql_where=sa.text(OWN_SCHEDULE),
+            sqlite_where=sa.text(OWN_SCHEDULE),
+        ),
+        # A group's round: its active sessions by key range, (bucket, id) after the round's cursor.
+        sa.Index(
+            None,
+            "bucket",
+            "id",
             postgresql_where=sa.text("state = 'active'"),
             sqlite_where=sa.text("state = 'active'"),
         ),
+        sa.CheckConstraint(f"bucket >= 0 AND bucket < {BUCKETS}", name="bucket"),
         {"sqlite_autoincrement": True},  # never reuse an id: tasks and outbox rows refer to them
     )
 
@@ -319,6 +368,58 @@ class SweepRun(Base):
     stopped: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
 
+class CheckGroup(Base):
+    """A group of sessions checked together: the schedule and the lease of routine checks (table ``check_groups``).
+
+    Group ``id`` holds the active sessions whose ``bucket`` is in ``[lo, hi)`` and whose
+    ``next_check_at`` is NULL. A round takes the group's lease (``claimed_until`` / ``claim_token``),
+    sets ``round_started_at`` and plans ``next_check_at`` one check interval on, then goes through
+    its sessions by key range, ``(bucket, id)`` after ``(cursor_bucket, cursor_id)``, one page at a
+    time; each page writes only the sessions whose facts changed, and moves the cursor (and the
+    lease) on. When the last page is done, ``verified_at = round_started_at`` and the cursor is
+    cleared. A worker that dies mid-round leaves the cursor: the next one resumes there after the
+    lease. So a group costs a few row writes per round, whatever its number of sessions.
+    """
+
+    __tablename__ = "check_groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    lo: Mapped[int] = mapped_column(sa.SmallInteger())
+    hi: Mapped[int] = mapped_column(sa.SmallInteger())
+    #: When the next round is due (a resync --all makes it now).
+    next_check_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    claimed_until: Mapped[datetime | None]
+    claim_token: Mapped[str | None] = mapped_column(sa.String(64))
+    #: When the round in progress (cursor set), or the last round, began.
+    round_started_at: Mapped[datetime | None]
+    #: When that round was due: sessions Pangea vouched for since (on their own, then back on the group)
+    #: count as checked in it, so a resync or a sweep never checks one twice.
+    round_due_at: Mapped[datetime | None]
+    #: The last session done in the round in progress, as ``(bucket, id)``; NULL: no round in progress.
+    cursor_bucket: Mapped[int | None] = mapped_column(sa.SmallInteger())
+    cursor_id: Mapped[int | None] = mapped_column(_id_type())
+    #: When the last completed round began: Pangea vouched, at or after it, for every session that
+    #: was on the group's schedule then and has not been written since.
+    verified_at: Mapped[datetime | None]
+    #: Sessions the last completed round went through (progress and sizing; not a contract).
+    sessions: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
+
+    __table_args__ = (
+        sa.CheckConstraint(f"lo >= 0 AND lo < hi AND hi <= {BUCKETS}", name="range"),
+        sa.CheckConstraint("(cursor_bucket IS NULL) = (cursor_id IS NULL)", name="cursor"),
+    )
+
+
+#: The check groups a fresh database starts with: 32 equal ranges of buckets.
+DEFAULT_GROUPS = 32
+
+
+def default_groups() -> list[dict[str, int]]:
+    """``check_groups`` rows for :data:`DEFAULT_GROUPS` equal ranges covering every bucket."""
+    width = BUCKETS // DEFAULT_GROUPS
+    return [{"id": g, "lo": g * width, "hi": (g + 1) * width} for g in range(DEFAULT_GROUPS)]
+
+
 class RevocationGuard(Base):
     """The mass-revocation guard's state (table ``revocation_guard``, at most one row, ``id = 1``).
 
@@ -345,6 +446,47 @@ def session_is_active() -> sa.ColumnElement[bool]:
     return LocalSession.state == sa.literal_column("'active'")
 
 
+def ending(state: SessionState, *, reason: Any, at: Any) -> dict[str, Any]:
+    """The columns that end a session, wherever one ends (a sync revocation, a push, a logout).
+
+    ``state`` (``revoked`` or ``logged_out``) with its ``end_reason`` and ``ended_at``, the lease
+    given back, and ``version`` bumped so a worker still holding the row drops its result. ``reason``
+    and ``at`` are values or bind parameters (an executemany binds one per row). The SQL functions
+    of the database contract (worker.sessions_pg) and the README's recipe write the same columns.
+    """
+    if state is SessionState.ACTIVE:
+        raise ValueError("a session ends as revoked or logged_out, never active")
+    return {
+        "state": state,
+        "end_reason": reason,
+        "ended_at": at,
+        "updated_at": at,
+        **leases.given_back(),
+        "version": LocalSession.__table__.c.version + 1,
+    }
+
+
+def on_own_schedule() -> sa.ColumnElement[bool]:
+    """The partial index predicate of sessions with a due time of their own (:data:`OWN_SCHEDULE`), inline."""
+    return sa.and_(session_is_active(), LocalSession.next_check_at.is_not(None))
+
+
 def event_is_pending() -> sa.ColumnElement[bool]:
     """``logout_outbox.state = 'pending'`` with the value inline, as in the due index's WHERE clause."""
     return LogoutEvent.state == sa.literal_column("'pending'")
+
+
+class RateLimitBucket(Base):
+    """One shared token bucket of the outbound rate limit (table ``rate_limit_buckets``; worker.ratelimit).
+
+    ``SESSION_SYNC_RATE_LIMIT_STORE=database`` keeps here what Redis keeps otherwise, for a broker
+    that is not Redis: one row per Pangea project (``bucket``, a hash that does not carry the token),
+    its ``tokens`` (negative: grants already promised to waiting workers) as of ``refilled_at``, in
+    seconds since the epoch on the database's own clock, so workers with skewed clocks share one rate.
+    """
+
+    __tablename__ = "rate_limit_buckets"
+
+    bucket: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(sa.Double())
+    refilled_at: Mapped[float] = mapped_column(sa.Double())

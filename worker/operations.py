@@ -10,21 +10,24 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 
-from worker import audit, engine, errors, guard, metrics, models, outbox_queries, queries, sweeps
+from worker import audit, errors, guard, metrics, models, outbox_queries, queries, sweeps, verification
+from worker.counts import FanoutResult, HousekeepingResult, LogoutCountsDict, SweepResult, SyncCountsDict
+from worker.reports import AuditEntry, SessionReport, StatusReport
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None = None) -> dict[str, Any]:
+def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None = None) -> SweepResult:
     """One periodic sweep: record its slot (a duplicate is a no-op), count due work, fan it out.
 
-    ``send_batch(slot)`` queues one ``check_batch``; each batch claims its own rows when it runs,
-    so a lease starts only when work does and overlapping sweeps never take the same session.
+    ``send_batch(slot)`` queues one ``check_batch`` per piece of due work: one per due check group,
+    and one per ``batch_size`` sessions due on their own. Each batch takes its work (a group's lease,
+    or its rows' claims) when it runs, so a lease starts only when work does and overlapping sweeps
+    never take the same session.
     """
     at = at or rt.clock()
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
@@ -33,8 +36,10 @@ def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None
             logger.info("Duplicate sweep skipped", extra={"action": "sweep_duplicate", "slot": slot.isoformat()})
             metrics.record_sweep(duplicate=True)
             return {"slot": slot.isoformat(), "duplicate": True, "due": 0, "batches": 0}
-        due = queries.count_due(db, now=at)
-        batches = min(math.ceil(due / rt.settings.batch_size), rt.settings.max_batches_per_sweep)
+        work = queries.due_work(db, now=at)
+        due = work.sessions + work.group_sessions
+        pieces = work.groups + math.ceil(work.sessions / rt.settings.batch_size)
+        batches = min(pieces, rt.settings.max_batches_per_sweep)
         sweeps.record_fanout(db, slot=slot, due=due, batches=batches)
     for _ in range(batches):
         send_batch(slot.isoformat())
@@ -43,17 +48,13 @@ def sweep(rt: Runtime, send_batch: Callable[[str], None], *, at: datetime | None
     return {"slot": slot.isoformat(), "duplicate": False, "due": due, "batches": batches}
 
 
-def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
+def check_batch(rt: Runtime, *, slot: str | None = None) -> SyncCountsDict:
     """Claim and process one batch of due sessions; add its counts to its sweep's record.
 
     If Pangea refuses our own token the batch changes nothing, the sweep is marked stopped, and the
     reason is logged loudly: every later sweep tries again, so fixing the token is the only step.
     """
-    try:
-        counts = rt.run(rt.engine.process_batch()).as_dict()
-    except engine.OurTokenRejected as exc:
-        logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
-        counts = engine.Counts(stopped=True).as_dict()
+    counts = rt.run(rt.engine.process_batch()).as_dict()
     if slot is not None and (counts["checked"] or counts["stopped"]):
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=datetime.fromisoformat(slot), counts=counts, now=rt.clock())
@@ -61,17 +62,13 @@ def check_batch(rt: Runtime, *, slot: str | None = None) -> dict[str, object]:
     return counts
 
 
-def sweep_once(rt: Runtime) -> dict[str, object]:
+def sweep_once(rt: Runtime) -> SyncCountsDict:
     """One whole sweep in this process, no broker (cron): every due session, batch after batch."""
     at = rt.clock()
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
     with rt.sessions.begin() as db:
         claimed = sweeps.claim_slot(db, slot=slot, now=at, kind="once")
-    try:
-        counts = rt.run(rt.engine.drain()).as_dict()
-    except engine.OurTokenRejected as exc:
-        logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
-        counts = engine.Counts(stopped=True).as_dict()
+    counts = rt.run(rt.engine.drain()).as_dict()
     if claimed:
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=slot, counts=counts, now=rt.clock())
@@ -86,7 +83,7 @@ def resync(
     user_id: str | None = None,
     session_ids: Sequence[int] | None = None,
     confirm_revocations: bool = False,
-) -> dict[str, object]:
+) -> SyncCountsDict:
     """Re-check one session, some sessions by id, one user's sessions, or all (no arguments), now.
 
     ``confirm_revocations`` clears a tripped mass-revocation guard and lets this resync revoke.
@@ -123,7 +120,7 @@ def resync_batches(rt: Runtime) -> Iterator[list[int]]:
             yield batch
 
 
-def resync_fanout(rt: Runtime, send_batch: Callable[[list[int]], None]) -> dict[str, int]:
+def resync_fanout(rt: Runtime, send_batch: Callable[[list[int]], None]) -> FanoutResult:
     """Queue a resync of every active session, one ``send_batch(ids)`` per batch; returns what was sent."""
     batches = sessions = 0
     for ids in resync_batches(rt):
@@ -148,7 +145,7 @@ def require_known(rt: Runtime, *, session_id: int | None = None, user_id: str | 
             raise errors.UnknownSession(f"no local session for user {shown}")
 
 
-def housekeeping(rt: Runtime) -> dict[str, int]:
+def housekeeping(rt: Runtime) -> HousekeepingResult:
     """Purge audit events past retention and old sweep records."""
     at = rt.clock()
     with rt.sessions.begin() as db:
@@ -157,7 +154,7 @@ def housekeeping(rt: Runtime) -> dict[str, int]:
     return {"events_purged": events, "sweeps_purged": runs}
 
 
-def status(rt: Runtime) -> dict[str, Any]:
+def status(rt: Runtime) -> StatusReport:
     """Sessions by state, due now, outbox backlog and dead letters, the last sweep."""
     at = rt.clock()
     S, E = models.LocalSession, models.LogoutEvent
@@ -184,36 +181,44 @@ def status(rt: Runtime) -> dict[str, Any]:
         }
 
 
-def session_report(rt: Runtime, session_id: int) -> dict[str, Any] | None:
+def session_report(rt: Runtime, session_id: int) -> SessionReport | None:
     """One session's state and its audit trail, newest first: "why was this user logged out?"."""
     with rt.sessions() as db:
         row = db.get(models.LocalSession, session_id)
         if row is None:
             return None
-        return {
-            "id": row.id,
-            "user_id": row.user_id,
-            "state": str(row.state),
-            "end_reason": row.end_reason,
-            "ended_at": row.ended_at.isoformat() if row.ended_at else None,
-            "active_expires_at": row.active_expires_at.isoformat(),
-            "next_check_at": row.next_check_at.isoformat() if row.next_check_at else None,
-            "failures": row.failures,
-            "uncertain": row.uncertain,
-            "events": [
-                {
-                    "at": e.at.isoformat(),
-                    "action": e.action,
-                    "outcome": e.outcome,
-                    "reason": e.reason,
-                    "request_id": e.request_id,
-                }
-                for e in audit.history(db, session_id)
-            ],
-        }
+        # On its group's schedule the session's next check is its group's next round, and when it
+        # was last checked is derived from the group (worker.verification).
+        S, G = models.LocalSession, models.CheckGroup
+        checked, group_next = db.execute(
+            sa.select(
+                verification.last_checked_at(),
+                sa.select(G.next_check_at).where(queries.in_group()).scalar_subquery(),
+            ).where(S.id == session_id)
+        ).one()
+        next_check = row.next_check_at or (group_next if row.state is models.SessionState.ACTIVE else None)
+        events = [
+            AuditEntry(
+                at=e.at.isoformat(), action=e.action, outcome=e.outcome, reason=e.reason, request_id=e.request_id
+            )
+            for e in audit.history(db, session_id)
+        ]
+        return SessionReport(
+            id=row.id,
+            user_id=row.user_id,
+            state=str(row.state),
+            end_reason=row.end_reason,
+            ended_at=row.ended_at.isoformat() if row.ended_at else None,
+            active_expires_at=row.active_expires_at.isoformat(),
+            next_check_at=next_check.isoformat() if next_check else None,
+            last_checked_at=checked.isoformat() if checked else None,
+            failures=row.failures,
+            uncertain=row.uncertain,
+            events=events,
+        )
 
 
-def deliver_logouts(rt: Runtime) -> dict[str, object]:
+def deliver_logouts(rt: Runtime) -> LogoutCountsDict:
     """Deliver due logouts to Pangea, batch after batch, until none is due (or the run's budget is spent)."""
     counts = rt.run(rt.delivery.drain()).as_dict()
     metrics.record_logouts(counts)

@@ -21,69 +21,29 @@ down or lost the message only delays delivery; the periodic task finds the row i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import orm
 
-from worker import audit, authn, crypto, errors, guard, kick, models, ratelimit, wire
+from worker import audit, authn, crypto, decisions, errors, guard, models, ratelimit, wire
 from worker import outbox_decisions as od
 from worker import outbox_queries as oq
+from worker.counts import LogoutCounts as Counts
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The Celery task that delivers due logouts (stable: other languages and Flower send it by name).
-TASK_NAME = kick.TASK_NAME
 #: How long one delivery run keeps claiming batches before it yields the worker to other tasks.
 DEFAULT_BUDGET = timedelta(seconds=60)
-
-
-@dataclass(slots=True)
-class Counts:
-    """What a delivery run did (ids and counts only, never a token)."""
-
-    claimed: int = 0
-    delivered: int = 0
-    already: int = 0
-    retried: int = 0
-    paused: int = 0
-    #: "Already logged out" answers held back by the mass-revocation guard (still pending).
-    held: int = 0
-    dead: int = 0
-    stopped: bool = False
-
-    def add(self, other: Counts) -> None:
-        """Fold another Counts into this one."""
-        self.claimed += other.claimed
-        self.delivered += other.delivered
-        self.already += other.already
-        self.retried += other.retried
-        self.paused += other.paused
-        self.held += other.held
-        self.dead += other.dead
-        self.stopped = self.stopped or other.stopped
-
-    def as_dict(self) -> dict[str, object]:
-        """A JSON-friendly summary; ``delivered`` includes ``already`` (logged out at Pangea before)."""
-        return {
-            "claimed": self.claimed,
-            "delivered": self.delivered,
-            "already": self.already,
-            "retried": self.retried,
-            "paused": self.paused,
-            "held": self.held,
-            "dead": self.dead,
-            "stopped": self.stopped,
-        }
 
 
 def policy_from_settings(settings: Settings) -> od.Policy:
@@ -166,6 +126,7 @@ class Delivery:
             )
         if not claimed:
             return Counts()
+        renewing = asyncio.create_task(self._keep_claimed(claim_token))
         try:
             batch = _Batch()
             results = await asyncio.gather(*(self._attempt(e, batch) for e in claimed))
@@ -174,6 +135,10 @@ class Delivery:
             with self._sessions.begin() as db:
                 oq.release(db, claim_token=claim_token)
             raise
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
         counts = self._record(claimed, results)
         counts.stopped = batch.rejected is not None
         if counts.stopped:
@@ -183,6 +148,27 @@ class Delivery:
                 extra={"action": "outbox_paused", "events": len(claimed)},
             )
         return counts
+
+    async def _keep_claimed(self, claim_token: str) -> None:
+        """Renew the batch's lease every third of it while its logouts are sent (see oq.extend_claim).
+
+        A slow or throttling Pangea can make a batch outlast one lease; another worker would then
+        claim the same events and send them again. A renewal the database missed (it is
+        restarting) is only a lease that may lapse: the next one tries again.
+        """
+        every = self._lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._read(lambda: self._extend(claim_token))
+            except Exception as exc:  # the database is away: the lease may lapse, no more
+                logger.warning(
+                    "Could not renew the lease of a logout batch: %s", exc, extra={"action": "outbox_lease_kept"}
+                )
+
+    def _extend(self, claim_token: str) -> int:
+        with self._sessions.begin() as db:
+            return oq.extend_claim(db, claim_token=claim_token, until=self._clock() + self._lease)
 
     # --- one event -----------------------------------------------------------------------------
 
@@ -197,15 +183,11 @@ class Delivery:
                 ended = await self._call(ev)
             except _EndpointRefused as exc:
                 return od.Result(outcome=od.Outcome.REFUSED, error=od.clip(str(exc)))
-            except errors.AuthnRejectedUs as exc:
-                batch.rejected = od.Result(outcome=od.Outcome.REJECTED_US, error=_describe(exc))
-                return batch.rejected
-            except errors.AuthnRateLimited as exc:
-                return od.Result(outcome=od.Outcome.FAILED, error=_describe(exc), retry_after=exc.retry_after)
-            except errors.AuthnRequestRejected as exc:
-                return od.Result(outcome=od.Outcome.REFUSED, error=_describe(exc))
             except (errors.AuthnError, errors.CryptoError) as exc:
-                return od.Result(outcome=od.Outcome.FAILED, error=_describe(exc))
+                result = _result_of(exc)
+                if result.outcome is od.Outcome.REJECTED_US:
+                    batch.rejected = result
+                return result
         outcome = od.Outcome.LOGGED_OUT if ended.verdict is wire.Verdict.VALID else od.Outcome.ALREADY
         return od.Result(outcome=outcome, request_id=ended.request_id, verdict=ended.verdict.value)
 
@@ -262,6 +244,11 @@ class Delivery:
         return await self._logout_each(known)
 
     async def _logout_user_by_id(self, ev: oq.ClaimedEvent, known: list[oq.KnownSession]) -> wire.Ended:
+        later = await self._read(lambda: self._sessions_started_since(ev))
+        if later:
+            # The user logged in again before this logout reached Pangea: /v2/session/logout would
+            # end that new login too. End the sessions the logout was asked for, one by one.
+            return await self._logout_all_but(ev.user_id, later)
         if known:
             # Does Pangea know this user at all? By the user's id, not by session ids: which id Pangea
             # gives a session is learned, and a guess must not decide a delivery.
@@ -272,6 +259,26 @@ class Delivery:
                 # out, or the wrong project (which answers Success too). The guard weighs it.
                 return wire.Ended(verdict=wire.Verdict.INVALID, request_id=page.request_id)
         return await self._client.session_logout(ev.user_id)
+
+    async def _logout_all_but(self, user_id: str, later: list[tuple[str | None, str]]) -> wire.Ended:
+        """End each of the user's Pangea sessions but the logins recorded after the logout was asked for.
+
+        VALID if Pangea ended any now; INVALID if there was none left to end (already logged out, or
+        the wrong project: the guard weighs it as the single call's answer would be weighed).
+        """
+        spared_ids = {pangea_id for pangea_id, _ in later if pangea_id}
+        spared_tokens = {token_id for _, token_id in later}
+        page = await self._client.sessions_of_user(user_id, pace=self._limiter.acquire)
+        verdict, request_id = wire.Verdict.INVALID, page.request_id
+        for item in page.sessions:
+            if item.id in spared_ids or (item.active_token is not None and item.active_token.id in spared_tokens):
+                continue
+            await self._limiter.acquire()
+            ended = await self._client.session_invalidate(item.id)
+            request_id = ended.request_id
+            if ended.verdict is wire.Verdict.VALID:
+                verdict = wire.Verdict.VALID
+        return wire.Ended(verdict=verdict, request_id=request_id)
 
     async def _logout_each(self, known: list[oq.KnownSession]) -> wire.Ended:
         """End each known session with its own active token; VALID if Pangea ended any of them now."""
@@ -291,22 +298,38 @@ class Delivery:
             return await asyncio.to_thread(query)
         return query()
 
+    def _sessions_started_since(self, ev: oq.ClaimedEvent) -> list[tuple[str | None, str]]:
+        with self._sessions() as db:
+            return oq.sessions_started_since(db, user_id=ev.user_id, since=ev.created_at)
+
     def _sessions_ended_by(self, ev: oq.ClaimedEvent) -> list[oq.KnownSession]:
         with self._sessions() as db:
             return oq.sessions_ended_by(db, user_id=ev.user_id, since=ev.created_at)
 
-    def _hold_already(self, db: orm.Session, results: list[od.Result], *, now: datetime) -> bool:
-        """Whether this batch's "already logged out" answers must be held (see worker.guard)."""
-        already = sum(r.outcome is od.Outcome.ALREADY for r in results)
-        if not already:
+    def _hold_already(
+        self, db: orm.Session, claimed: list[oq.ClaimedEvent], results: list[od.Result], *, now: datetime
+    ) -> bool:
+        """Whether this batch's "already logged out" answers must be held (see worker.guard).
+
+        Only a logout sent for the first time is evidence: a retry, or an event whose earlier claim
+        lapsed, may have been performed by the earlier attempt (its answer lost, its worker killed),
+        and "already logged out" is then Pangea's right answer. Those are weighed by no guard, but
+        held like the rest while it is tripped.
+        """
+        if not any(r.outcome is od.Outcome.ALREADY for r in results):
             return False
+        if guard.confirmed_since(db, now - guard.CONFIRMED_FOR):
+            return False
+        if guard.is_tripped(db):
+            return True
+        first = [r for ev, r in zip(claimed, results, strict=True) if guard.first_delivery(ev.attempts, ev.reclaimed)]
+        answered = [r for r in first if r.outcome in (od.Outcome.LOGGED_OUT, od.Outcome.ALREADY)]
         return guard.hold_revocations(
             db,
-            checked=len(results),
-            would_revoke=already,
+            checked=len(answered),
+            would_revoke=sum(r.outcome is od.Outcome.ALREADY for r in answered),
             limits=self._guard_limits,
             now=now,
-            bypass=guard.confirmed_since(db, now - guard.CONFIRMED_FOR),
             what=guard.LOGOUTS,
         )
 
@@ -344,7 +367,7 @@ class Delivery:
         trail: list[audit.Event] = []
         with self._sessions.begin() as db:
             # The guard's word on this batch and the outcomes it shapes commit together.
-            held = self._hold_already(db, results, now=now)
+            held = self._hold_already(db, claimed, results, now=now)
             for ev, result in zip(claimed, results, strict=True):
                 key: dict[str, object] = {"b_id": ev.id, "b_claim": ev.claim_token, "attempts": ev.attempts}
                 if held and result.outcome is od.Outcome.ALREADY:
@@ -395,6 +418,18 @@ class Delivery:
 
 class _EndpointRefused(Exception):
     """Pangea refused one service-only endpoint to a token that its client endpoints accept."""
+
+
+def _result_of(exc: errors.SessionSyncError) -> od.Result:
+    """What a failed attempt got, through the error mapping the sync engine uses (``decisions.failed``)."""
+    answer = decisions.failed(exc)
+    if answer.failure is decisions.Failure.REJECTED_US:
+        outcome = od.Outcome.REJECTED_US
+    elif answer.final:
+        outcome = od.Outcome.REFUSED
+    else:
+        outcome = od.Outcome.FAILED
+    return od.Result(outcome=outcome, error=_describe(exc), retry_after=answer.retry_after)
 
 
 def _describe(exc: errors.SessionSyncError) -> str:

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from worker import db as dbmod
-from worker import models
+from worker import leases, models
 
 E = models.LogoutEvent
 _T = cast(sa.Table, models.LogoutEvent.__table__)
@@ -37,11 +37,14 @@ class ClaimedEvent:
     created_at: datetime
     retried_at: datetime | None
     claim_token: str
+    #: An earlier claim of this event lapsed (its holder died, or lost the database, mid-delivery):
+    #: that holder may have delivered it, so "already logged out" is what Pangea should answer now.
+    reclaimed: bool = False
 
     @classmethod
-    def from_row(cls, row: Any) -> ClaimedEvent:
+    def from_row(cls, row: Any, *, reclaimed: bool = False) -> ClaimedEvent:
         """From a row of :data:`CLAIM_COLUMNS`."""
-        return cls(**row._asdict())
+        return cls(**row._asdict(), reclaimed=reclaimed)
 
     @property
     def queued_at(self) -> datetime:
@@ -159,11 +162,23 @@ def sessions_ended_by(db: orm.Session, *, user_id: str, since: datetime) -> list
     return [KnownSession(**row._asdict()) for row in db.execute(stmt)]
 
 
+def sessions_started_since(db: orm.Session, *, user_id: str, since: datetime) -> list[tuple[str | None, str]]:
+    """``(Pangea session id, active token id)`` of the user's active sessions recorded after ``since``.
+
+    The logins that came after a user-wide logout was asked for: that logout must not end them.
+    """
+    S = models.LocalSession
+    stmt = sa.select(S.pangea_session_id, S.active_token_id).where(
+        S.user_id == user_id, models.session_is_active(), S.created_at > since
+    )
+    return [(row.pangea_session_id, row.active_token_id) for row in db.execute(stmt)]
+
+
 def _due(now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(
         models.event_is_pending(),
         E.next_attempt_at <= now,
-        sa.or_(E.claimed_until.is_(None), E.claimed_until < now),
+        leases.free(E, now),
     )
 
 
@@ -185,21 +200,44 @@ def claim_due_events(
     due = _due(now)
     if event_ids is not None:
         due = sa.and_(due, E.id.in_(event_ids))
+    # Every way a claim ends on purpose (recorded, released) clears claim_token: a due event that
+    # still carries one was claimed before and that claim lapsed. Read before the claim overwrites it.
+    if db.get_bind().dialect.name == "sqlite":
+        # SQLite cannot turn a read into a write once another writer committed: take the write
+        # lock first (a write of no row), so the read and the claim see the same rows.
+        db.execute(sa.update(E).where(sa.false()).values(claim_token=None))
+    lapsed = set(db.execute(sa.select(E.id).where(due, E.claim_token.is_not(None))).scalars())
     pick = sa.select(E.id).where(due).order_by(E.next_attempt_at).limit(limit)
     stmt = (
         sa.update(E)
         .where(dbmod.picked(db, E.id, pick), due)
-        .values(claimed_until=now + lease, claim_token=claim_token)
+        .values(**leases.taken(claim_token, now=now, lease=lease))
         .returning(*CLAIM_COLUMNS)
         .execution_options(synchronize_session=False)
     )
-    return [ClaimedEvent.from_row(row) for row in db.execute(stmt)]
+    return [ClaimedEvent.from_row(row, reclaimed=row.id in lapsed) for row in db.execute(stmt)]
+
+
+def extend_claim(db: orm.Session, *, claim_token: str, until: datetime) -> int:
+    """Keep the events leased to ``claim_token`` until ``until`` (a batch still in flight); how many.
+
+    A batch of logouts can take longer than one lease when Pangea is slow or throttling: without
+    this, its events would be claimed and sent again by another worker while the first is still
+    sending them, and every second answer would be a spurious "already logged out".
+    """
+    stmt = (
+        sa.update(E)
+        .where(leases.held_by(E, claim_token), models.event_is_pending())
+        .values(claimed_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return dbmod.rowcount(db.execute(stmt))
 
 
 def _guard() -> list[sa.ColumnElement[bool]]:
     return [
         _T.c.id == sa.bindparam("b_id"),
-        _T.c.claim_token == sa.bindparam("b_claim"),
+        leases.held_by(_T.c, sa.bindparam("b_claim")),
         _T.c.state == sa.literal_column("'pending'"),
     ]
 
@@ -219,8 +257,7 @@ def mark_delivered(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: date
                 delivered_at=sa.bindparam("b_now"),
                 token_enc=None,
                 attempts=sa.bindparam("attempts"),
-                claimed_until=None,
-                claim_token=None,
+                **leases.given_back(),
             )
         )
         db.execute(stmt, params)
@@ -240,8 +277,7 @@ def reschedule(db: orm.Session, rows: Iterable[dict[str, Any]]) -> None:
                 attempts=sa.bindparam("attempts"),
                 next_attempt_at=sa.bindparam("next_attempt_at", type_=models.UtcDateTime()),
                 last_error=sa.bindparam("last_error"),
-                claimed_until=None,
-                claim_token=None,
+                **leases.given_back(),
             )
         )
         db.execute(stmt, params)
@@ -263,8 +299,7 @@ def mark_dead(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime)
                 dead_at=sa.bindparam("b_now"),
                 attempts=sa.bindparam("attempts"),
                 last_error=sa.bindparam("last_error"),
-                claimed_until=None,
-                claim_token=None,
+                **leases.given_back(),
             )
         )
         db.execute(stmt, params)
@@ -272,13 +307,7 @@ def mark_dead(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime)
 
 def release(db: orm.Session, *, claim_token: str) -> int:
     """Give back every lease held under ``claim_token`` without changing anything else."""
-    stmt = (
-        sa.update(E)
-        .where(E.claim_token == claim_token)
-        .values(claimed_until=None, claim_token=None)
-        .execution_options(synchronize_session=False)
-    )
-    return dbmod.rowcount(db.execute(stmt))
+    return leases.release(db, E, claim_token=claim_token)
 
 
 # --- the operator's view ------------------------------------------------------------------------
@@ -326,8 +355,7 @@ def retry_dead(db: orm.Session, *, now: datetime, event_ids: Sequence[int] | Non
             next_attempt_at=now,
             retried_at=now,
             dead_at=None,
-            claimed_until=None,
-            claim_token=None,
+            **leases.given_back(),
         )
         .returning(E.id)
         .execution_options(synchronize_session=False)

@@ -11,12 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from worker import errors
+
 #: How often the results are polled while waiting, in seconds.
 POLL_EVERY = 0.5
-
-
-class WaitTimeout(Exception):
-    """Raised when the tasks did not all finish in time; the message says which are still out, and where."""
 
 
 def describe_pending(results: Sequence[Any], sizes: Sequence[int], *, queue: str) -> str:
@@ -71,5 +69,5 @@ def wait(
         if all(ready):
             return [result.get(propagate=True, disable_sync_subtasks=False) for result in results]
         if clock() >= deadline:
-            raise WaitTimeout(describe_pending(results, sizes, queue=queue))
+            raise errors.WaitTimeout(describe_pending(results, sizes, queue=queue))
         sleep(POLL_EVERY)

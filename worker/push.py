@@ -47,15 +47,7 @@ def _revoke(db: orm.Session, which: sa.ColumnElement[bool], *, reason: str, now:
     stmt = (
         sa.update(S)
         .where(which, models.session_is_active())
-        .values(
-            state=models.SessionState.REVOKED,
-            end_reason=reason,
-            ended_at=now,
-            updated_at=now,
-            claimed_until=None,
-            claim_token=None,
-            version=S.version + 1,
-        )
+        .values(**models.ending(models.SessionState.REVOKED, reason=reason, at=now))
         .returning(S.id)
         .execution_options(synchronize_session=False)
     )

@@ -9,7 +9,7 @@ the app logged out meanwhile) is dropped instead of overwriting newer facts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from worker import db as dbmod
-from worker import models
+from worker import leases, models, verification
 
 S = models.LocalSession
 _T = cast(sa.Table, models.LocalSession.__table__)
@@ -25,7 +25,12 @@ _T = cast(sa.Table, models.LocalSession.__table__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimedSession:
-    """A session this worker holds a lease on, as read at claim time (tokens still encrypted)."""
+    """A session this worker is about to check, as read (tokens still encrypted).
+
+    ``claim_token`` is the lease it was read under: this worker's own claim for a session with a due
+    time of its own, NULL for one read from its group's round or by a manual resync (the group, or
+    nobody, holds the lease). Writes are guarded by it and by ``version`` either way.
+    """
 
     id: int
     user_id: str
@@ -38,10 +43,13 @@ class ClaimedSession:
     failures: int
     uncertain: bool
     version: int
-    claim_token: str
+    claim_token: str | None
     verified_at: datetime | None
     #: Pangea's id of the session as we know it (learned from Pangea's session list; see learn_session_ids).
     pangea_session_id: str | None = None
+    bucket: int = 0
+    #: NULL: on its group's schedule; else its own due time (and then every decision about it is written).
+    next_check_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedSession:
@@ -62,13 +70,18 @@ CLAIM_COLUMNS = (
     S.uncertain,
     S.version,
     S.claim_token,
-    sa.func.coalesce(S.last_checked_at, S.created_at).label("verified_at"),
+    verification.vouched_at().label("verified_at"),
     S.pangea_session_id,
+    S.bucket,
+    S.next_check_at,
 )
-
-
-def _unclaimed(now: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(S.claimed_until.is_(None), S.claimed_until < now)
+#: The same for a group's page: the group's own verification time is folded in by the caller
+#: (every session after the cursor was last vouched for by the group's last round at the latest).
+_PAGE_COLUMNS = (
+    *CLAIM_COLUMNS[:12],
+    sa.func.coalesce(S.last_checked_at, S.created_at).label("verified_at"),
+    *CLAIM_COLUMNS[13:],
+)
 
 
 def claim_due_sessions(
@@ -78,42 +91,302 @@ def claim_due_sessions(
     limit: int,
     lease: timedelta,
     claim_token: str,
-    user_id: str | None = None,
-    session_ids: Sequence[int] | None = None,
     due_by: datetime | None = None,
 ) -> list[ClaimedSession]:
-    """Lease up to ``limit`` active sessions due by ``due_by`` (default: ``now``), oldest due first.
+    """Lease up to ``limit`` sessions whose own due time is by ``due_by`` (default: ``now``), oldest first.
 
-    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a CTE, so concurrent claimers take disjoint rows
-    without waiting (see :func:`worker.db.picked` for why a CTE). SQLite drops ``FOR UPDATE``;
-    there the conditional UPDATE itself is the claim, atomic because SQLite runs one writer at a time.
+    Only sessions with a need of their own have a due time (refreshes, backoffs, uncertain refreshes,
+    logins not checked yet): they are few, so each is claimed by its row. PostgreSQL: ``FOR UPDATE
+    SKIP LOCKED`` in a CTE, so concurrent claimers take disjoint rows without waiting (see
+    :func:`worker.db.picked` for why a CTE). SQLite drops ``FOR UPDATE``; there the conditional UPDATE
+    itself is the claim, atomic because SQLite runs one writer at a time.
     """
-    due = sa.and_(models.session_is_active(), S.next_check_at <= (due_by or now), _unclaimed(now))
-    if user_id is not None:
-        due = sa.and_(due, S.user_id == user_id)
-    if session_ids is not None:
-        due = sa.and_(due, S.id.in_(session_ids))
+    due = sa.and_(models.on_own_schedule(), S.next_check_at <= (due_by or now), leases.free(S, now))
     pick = sa.select(S.id).where(due).order_by(S.next_check_at).limit(limit)
     stmt = (
         sa.update(S)
         .where(dbmod.picked(db, S.id, pick), due)
-        .values(claimed_until=now + lease, claim_token=claim_token)
+        .values(**leases.taken(claim_token, now=now, lease=lease))
         .returning(*CLAIM_COLUMNS)
         .execution_options(synchronize_session=False)
     )
     return [ClaimedSession.from_row(row) for row in db.execute(stmt)]
 
 
+def read_sessions(
+    db: orm.Session,
+    *,
+    now: datetime,
+    limit: int,
+    after_id: int = 0,
+    user_id: str | None = None,
+    session_ids: Sequence[int] | None = None,
+) -> list[ClaimedSession]:
+    """Active sessions of a manual resync (one user's, or these ids), by id after ``after_id``; no lease taken.
+
+    A resync writes only what its checks change, like a group's round. Sessions under a live lease
+    or refresh hold are left to their holder (its refresh may be in flight).
+    """
+    where = [models.session_is_active(), leases.free(S, now), S.id > after_id]
+    if user_id is not None:
+        where.append(S.user_id == user_id)
+    if session_ids is not None:
+        where.append(S.id.in_(session_ids))
+    stmt = sa.select(*CLAIM_COLUMNS).where(*where).order_by(S.id).limit(limit)
+    return [ClaimedSession.from_row(row) for row in db.execute(stmt)]
+
+
+# --- check groups ---------------------------------------------------------------------------------
+
+G = models.CheckGroup
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupRound:
+    """A check group this worker holds the lease of, and where its round stands."""
+
+    id: int
+    lo: int
+    hi: int
+    claim_token: str
+    round_started_at: datetime
+    #: When the round was due: a session vouched for since then was checked for this round already.
+    due_at: datetime
+    cursor: tuple[int, int]
+    verified_at: datetime | None
+
+
+def in_group() -> sa.ColumnElement[bool]:
+    """A session belongs to a check group: ``check_groups.lo <= sessions.bucket < check_groups.hi``."""
+    return sa.and_(G.lo <= S.bucket, S.bucket < G.hi)
+
+
+def _group_due(now: datetime, due_by: datetime) -> sa.ColumnElement[bool]:
+    """A group's round can be taken: its lease is free, and it is due or a lapsed lease left it half done."""
+    return sa.and_(leases.free(G, now), sa.or_(G.next_check_at <= due_by, G.cursor_id.is_not(None)))
+
+
+def take_group(
+    db: orm.Session, *, now: datetime, lease: timedelta, interval: timedelta, claim_token: str, due_by: datetime
+) -> GroupRound | None:
+    """Lease one group whose round is due by ``due_by`` (see :func:`take_groups`)."""
+    taken = take_groups(db, now=now, lease=lease, interval=interval, claim_token=claim_token, due_by=due_by)
+    return taken[0] if taken else None
+
+
+def take_groups(
+    db: orm.Session,
+    *,
+    now: datetime,
+    lease: timedelta,
+    interval: timedelta,
+    claim_token: str,
+    due_by: datetime,
+    sessions: int = 0,
+) -> list[GroupRound]:
+    """Lease due groups together until their last rounds held ``sessions`` sessions (at least one group).
+
+    Due: the round is due by ``due_by``, or a lapsed lease left it half done (those come first). A new
+    round starts at ``now`` with its cursor before the first session and plans the next round one
+    ``interval`` on; a round in progress resumes at its cursor (a dead worker's pages are not done
+    twice). Small groups are taken together so a batch still weighs up to a batch's worth of sessions
+    (the mass-revocation guard judges a batch). The candidates are read first, then leased by one
+    conditional UPDATE: a group another worker took meanwhile is simply not returned.
+    """
+    due = _group_due(now, due_by)
+    if db.get_bind().dialect.name == "sqlite":
+        # Take SQLite's write lock before reading (a write statement takes it, even one that matches
+        # no row): a deferred transaction that read first could not write after another process did.
+        db.execute(sa.update(G).where(sa.false()).values(sessions=G.sessions))
+    candidates = db.execute(
+        sa.select(G.id, G.sessions, G.verified_at)
+        .where(due)
+        .order_by(sa.case((G.cursor_id.is_not(None), 0), else_=1), G.next_check_at, G.id)
+        .limit(models.DEFAULT_GROUPS * 2)
+    ).all()
+    # A group never gone round has no size yet: count its sessions (once: its first round records it).
+    unknown = [int(g) for g, size, verified in candidates if verified is None and not size]
+    counted: dict[int, int] = {}
+    if unknown and sessions > 1:
+        counted = {
+            int(g): int(n)
+            for g, n in db.execute(
+                sa.select(G.id, sa.func.count(S.id))
+                .join(S, in_group())
+                .where(G.id.in_(unknown), models.session_is_active(), S.next_check_at.is_(None))
+                .group_by(G.id)
+            )
+        }
+    chosen: list[int] = []
+    weight = 0
+    for group_id, known, _ in candidates:
+        size = counted.get(int(group_id), known)
+        if chosen and weight + max(int(size), 1) > sessions:
+            break
+        chosen.append(int(group_id))
+        weight += max(int(size), 1)
+    if not chosen:
+        return []
+    fresh = G.cursor_id.is_(None)
+    stmt = (
+        sa.update(G)
+        .where(G.id.in_(chosen), due)
+        .values(
+            **leases.taken(claim_token, now=now, lease=lease),
+            round_started_at=sa.case((fresh, sa.literal(now, models.UtcDateTime())), else_=G.round_started_at),
+            round_due_at=sa.case((fresh, G.next_check_at), else_=G.round_due_at),
+            next_check_at=sa.case((fresh, sa.literal(now + interval, models.UtcDateTime())), else_=G.next_check_at),
+            cursor_bucket=sa.func.coalesce(G.cursor_bucket, -1),
+            cursor_id=sa.func.coalesce(G.cursor_id, 0),
+        )
+        .returning(G.id, G.lo, G.hi, G.round_started_at, G.round_due_at, G.cursor_bucket, G.cursor_id, G.verified_at)
+        .execution_options(synchronize_session=False)
+    )
+    taken = [
+        GroupRound(
+            id=row.id,
+            lo=row.lo,
+            hi=row.hi,
+            claim_token=claim_token,
+            round_started_at=row.round_started_at,
+            due_at=row.round_due_at,
+            cursor=(row.cursor_bucket, row.cursor_id),
+            verified_at=row.verified_at,
+        )
+        for row in db.execute(stmt)
+    ]
+    return sorted(taken, key=lambda g: g.id)
+
+
+def group_page(
+    db: orm.Session, *, group: GroupRound, cursor: tuple[int, int], limit: int, now: datetime
+) -> list[ClaimedSession]:
+    """The next ``limit`` sessions of ``group``'s round after ``cursor``, by ``(bucket, id)``; nothing written.
+
+    Only sessions on the group's schedule (those with a due time of their own are checked by it),
+    and only those Pangea has not vouched for since the round was due: a session whose own check
+    (a login's first, a refresh, a resync's) put it back on its group since then was checked for
+    this round already.
+    """
+    stmt = (
+        sa.select(*_PAGE_COLUMNS)
+        .where(
+            models.session_is_active(),
+            S.next_check_at.is_(None),
+            S.bucket >= group.lo,
+            S.bucket < group.hi,
+            sa.tuple_(S.bucket, S.id) > sa.tuple_(sa.literal(cursor[0]), sa.literal(cursor[1])),
+            sa.func.coalesce(S.last_checked_at, S.created_at) < group.due_at,
+            leases.free(S, now),
+        )
+        .order_by(S.bucket, S.id)
+        .limit(limit)
+    )
+    verified = group.verified_at
+    page = []
+    for row in db.execute(stmt):
+        session = ClaimedSession.from_row(row)
+        if verified is not None and (session.verified_at is None or verified > session.verified_at):
+            session = replace(session, verified_at=verified)
+        page.append(session)
+    return page
+
+
+def advance_group(
+    db: orm.Session, group: GroupRound, *, cursor: tuple[int, int], now: datetime, lease: timedelta
+) -> bool:
+    """Record a page done (the cursor) and renew the lease; False when the lease is no longer ours."""
+    stmt = (
+        sa.update(G)
+        .where(G.id == group.id, leases.held_by(G, group.claim_token))
+        .values(cursor_bucket=cursor[0], cursor_id=cursor[1], claimed_until=now + lease)
+        .execution_options(synchronize_session=False)
+    )
+    return dbmod.rowcount(db.execute(stmt)) == 1
+
+
+def finish_group(db: orm.Session, *, group: GroupRound, sessions: int) -> bool:
+    """End the round: the group is verified as of the round's start, and its lease given back."""
+    stmt = (
+        sa.update(G)
+        .where(G.id == group.id, leases.held_by(G, group.claim_token))
+        .values(
+            verified_at=G.round_started_at,
+            cursor_bucket=None,
+            cursor_id=None,
+            **leases.given_back(),
+            sessions=sessions,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return dbmod.rowcount(db.execute(stmt)) == 1
+
+
+def release_groups(db: orm.Session, groups: Sequence[GroupRound]) -> None:
+    """Give the groups' leases back, cursors kept: another worker resumes their rounds at once."""
+    if not groups:
+        return
+    db.execute(
+        sa.update(G)
+        .where(G.id.in_([g.id for g in groups]), leases.held_by(G, groups[0].claim_token))
+        .values(**leases.given_back())
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --- what is due ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DueWork:
+    """What a sweep would find to do now: groups whose round is due, and sessions with their own due time."""
+
+    groups: int
+    sessions: int
+    #: Sessions in the due groups, as their last rounds counted them (an estimate).
+    group_sessions: int
+
+
+def due_work(db: orm.Session, *, now: datetime) -> DueWork:
+    """How many groups and own-schedule sessions are due and not leased right now (two small scans)."""
+    groups, in_groups = db.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(G.sessions), 0)).where(_group_due(now, now))
+    ).one()
+    sessions = db.execute(
+        sa.select(sa.func.count()).where(models.on_own_schedule(), S.next_check_at <= now, leases.free(S, now))
+    ).scalar_one()
+    return DueWork(groups=int(groups), sessions=int(sessions), group_sessions=int(in_groups))
+
+
 def count_due(db: orm.Session, *, now: datetime) -> int:
-    """How many active sessions are due and not leased right now."""
-    stmt = sa.select(sa.func.count()).where(models.session_is_active(), S.next_check_at <= now, _unclaimed(now))
-    return int(db.execute(stmt).scalar_one())
+    """How many active sessions are due and not leased right now: their own due time, or their group's round."""
+    due = due_work(db, now=now)
+    in_due_groups = db.execute(
+        sa.select(sa.func.count())
+        .select_from(S)
+        .join(G, in_group())
+        .where(models.session_is_active(), S.next_check_at.is_(None), _group_due(now, now))
+    ).scalar_one()
+    return due.sessions + int(in_due_groups)
 
 
 def make_due(
     db: orm.Session, *, now: datetime, user_id: str | None = None, session_ids: Sequence[int] | None = None
 ) -> int:
-    """Make active sessions due now (a manual resync); returns how many."""
+    """Make sessions due now; returns how many rows were written.
+
+    With no arguments (``resync --all``): every group's round (one row per group) and every session
+    with a due time of its own. With a user or ids: those sessions get a due time of their own, now.
+    """
+    if user_id is None and session_ids is None:
+        groups = db.execute(sa.update(G).values(next_check_at=now).execution_options(synchronize_session=False))
+        own = db.execute(
+            sa.update(S)
+            .where(models.on_own_schedule(), S.next_check_at > now)
+            .values(next_check_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return dbmod.rowcount(groups) + dbmod.rowcount(own)
     where = [models.session_is_active()]
     if user_id is not None:
         where.append(S.user_id == user_id)
@@ -123,10 +396,41 @@ def make_due(
     return dbmod.rowcount(db.execute(stmt))
 
 
+def mark_refreshing(db: orm.Session, sessions: Sequence[ClaimedSession], *, until: datetime) -> set[int]:
+    """Give sessions about to be refreshed a due time of their own (``until``: when their hold would lapse).
+
+    A session refreshed from a group's round or a resync leaves the group's schedule before its
+    refresh is sent: were the worker to die first, the session is due again on its own, not vouched
+    for by its group. Guarded like every write; returns the ids marked. Refreshes are rare.
+    """
+    marked: set[int] = set()
+    for session in sessions:
+        stmt = (
+            sa.update(S)
+            .where(*_as_claimed(session))
+            .values(next_check_at=until)
+            .returning(S.id)
+            .execution_options(synchronize_session=False)
+        )
+        marked.update(int(i) for i in db.execute(stmt).scalars())
+    return marked
+
+
+def _as_claimed(session: ClaimedSession) -> list[sa.ColumnElement[bool]]:
+    """The row is still as ``session`` was claimed: same version, same lease, active (see :func:`_guard`)."""
+    return [
+        S.id == session.id,
+        S.version == session.version,
+        leases.held_as(S, session.claim_token),
+        models.session_is_active(),
+    ]
+
+
 def _guard() -> list[sa.ColumnElement[bool]]:
+    """:func:`_as_claimed` with bind parameters, for the statements run once per row."""
     return [
         _T.c.id == sa.bindparam("b_id"),
-        _T.c.claim_token == sa.bindparam("b_claim"),
+        leases.held_as(_T.c, sa.bindparam("b_claim", type_=sa.String())),
         _T.c.version == sa.bindparam("b_version"),
         _T.c.state == sa.literal_column("'active'"),
     ]
@@ -162,8 +466,7 @@ def record_checks(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datet
                 sa.bindparam("b_checked_at", type_=models.UtcDateTime()), _T.c.last_checked_at
             ),
             updated_at=sa.bindparam("b_now"),
-            claimed_until=None,
-            claim_token=None,
+            **leases.given_back(),
             version=_T.c.version + 1,
         )
     )
@@ -198,7 +501,7 @@ _RECORD_CHECKS_PG = sa.text(
         CAST(:next_check_at AS timestamptz[]), CAST(:failures AS integer[]), CAST(:uncertain AS boolean[]),
         CAST(:active_expires_at AS timestamptz[]), CAST(:b_checked_at AS timestamptz[])
     ) AS v(id, claim, version, next_check_at, failures, uncertain, active_expires_at, checked_at)
-    WHERE sessions.id = v.id AND sessions.claim_token = v.claim AND sessions.version = v.version
+    WHERE sessions.id = v.id AND sessions.claim_token IS NOT DISTINCT FROM v.claim AND sessions.version = v.version
       AND sessions.state = 'active'
     RETURNING sessions.id
     """
@@ -233,14 +536,8 @@ def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) ->
         sa.update(_T)
         .where(*_guard())
         .values(
-            state=models.SessionState.REVOKED.value,
-            end_reason=sa.bindparam("reason"),
-            ended_at=sa.bindparam("b_now"),
-            updated_at=sa.bindparam("b_now"),
+            **models.ending(models.SessionState.REVOKED, reason=sa.bindparam("reason"), at=sa.bindparam("b_now")),
             last_checked_at=sa.bindparam("b_now"),
-            claimed_until=None,
-            claim_token=None,
-            version=_T.c.version + 1,
         )
     )
     return _applied(db, stmt, params)
@@ -248,13 +545,7 @@ def revoke(db: orm.Session, rows: Iterable[dict[str, Any]], *, now: datetime) ->
 
 def release(db: orm.Session, *, claim_token: str) -> int:
     """Give back every lease held under ``claim_token`` without changing anything else."""
-    stmt = (
-        sa.update(S)
-        .where(S.claim_token == claim_token)
-        .values(claimed_until=None, claim_token=None)
-        .execution_options(synchronize_session=False)
-    )
-    return dbmod.rowcount(db.execute(stmt))
+    return leases.release(db, S, claim_token=claim_token)
 
 
 def begin_refresh(
@@ -271,14 +562,14 @@ def begin_refresh(
     """
     stmt = (
         sa.update(S)
-        .where(
-            S.id == session.id,
-            S.version == session.version,
-            S.claim_token == session.claim_token,
-            models.session_is_active(),
-        )
+        .where(*_as_claimed(session))
         .values(
-            uncertain=True, claimed_until=now + lease, claim_token=hold_token, version=S.version + 1, updated_at=now
+            uncertain=True,
+            **leases.taken(hold_token, now=now, lease=lease),
+            # Off the group's schedule while in flight: if this worker dies, the row is due on its own.
+            next_check_at=now + lease,
+            version=S.version + 1,
+            updated_at=now,
         )
         .returning(S.version)
         .execution_options(synchronize_session=False)
@@ -327,8 +618,7 @@ def store_refreshed(db: orm.Session, row: dict[str, Any], *, now: datetime) -> b
             uncertain=False,
             last_checked_at=sa.bindparam("b_now"),
             updated_at=sa.bindparam("b_now"),
-            claimed_until=None,
-            claim_token=None,
+            **leases.given_back(),
             version=_T.c.version + 1,
         )
     )

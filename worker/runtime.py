@@ -127,7 +127,7 @@ class Runtime:
         if "delivery_client" in self.__dict__:
             self.run(self.delivery_client.aclose())
         limiter = self.__dict__.get("limiter")
-        if isinstance(limiter, ratelimit.RedisRateLimiter):
+        if isinstance(limiter, (ratelimit.RedisRateLimiter, ratelimit.DatabaseRateLimiter)):
             self.run(limiter.aclose())
         if "loop" in self.__dict__:
             self.loop.close()

@@ -30,9 +30,66 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite
 
-from worker import audit, crypto, decisions, errors, models, outbox_queries, sessions_pg, wire
+from worker import audit, crypto, decisions, errors, models, outbox_queries, sessions_pg, verification, wire
 from worker import kick as kick_mod
+
+# The web app's one import path: what an app needs beside these functions, re-exported from where it
+# lives (``tests/unit/test_public_face.py`` pins the list). Talking to Pangea (``worker.authn``) is not
+# here: it loads httpx, which a web process that only authenticates never needs.
+from worker.crypto import TokenCipher
+from worker.db import create_engine, is_sqlite, normalize_url, session_factory
+from worker.decisions import Policy
+from worker.errors import (
+    AuthnError,
+    AuthnRequestRejected,
+    ConfigError,
+    InvalidUserinfo,
+    LoginConflict,
+    SessionInvalid,
+    SessionSyncError,
+    UnknownSession,
+)
 from worker.settings import Settings
+from worker.wire import SessionCreds
+
+__all__ = [
+    "DEFAULT_LOGOUT_REASON",
+    "DEFAULT_REALM",
+    "DESCRIPTIONS",
+    "HANDLE_PREFIX",
+    "MAX_EMAIL_LENGTH",
+    "MAX_REASON_LENGTH",
+    "MAX_TOKEN_LENGTH",
+    "Authenticated",
+    "AuthnError",
+    "AuthnRequestRejected",
+    "ConfigError",
+    "InvalidUserinfo",
+    "Login",
+    "LoginConflict",
+    "Policy",
+    "SessionCreds",
+    "SessionInvalid",
+    "SessionSyncError",
+    "Settings",
+    "TokenCipher",
+    "UnknownSession",
+    "UserLogout",
+    "authenticate",
+    "check_reason",
+    "create_engine",
+    "default_cipher",
+    "default_grace",
+    "default_policy",
+    "default_settings",
+    "is_sqlite",
+    "logout",
+    "logout_user",
+    "new_handle",
+    "normalize_url",
+    "record_login",
+    "session_factory",
+]
 
 #: Realm in ``WWW-Authenticate`` answers unless the app names its own.
 DEFAULT_REALM = "session-sync"
@@ -144,7 +201,8 @@ def record_login(
         "active_expires_at": active.expire,
         "active_issued_at": active.created_at,
         "refresh_expires_at": refresh.expire,
-        "next_check_at": decisions.plan_next_check(facts, now, policy or default_policy(), _RNG),
+        # NULL: on its group's schedule (Pangea just vouched for it), unless it needs a refresh sooner.
+        "next_check_at": _first_check(facts, now, policy or default_policy()),
         "now": now,
     }
     if sessions_pg.is_postgresql(db):
@@ -257,6 +315,12 @@ def _plausible(at: datetime) -> bool:
         return False
 
 
+def _first_check(facts: decisions.SessionFacts, now: datetime, policy: decisions.Policy) -> datetime | None:
+    """A new session's own due time, or None to put it on its group's schedule (the routine case)."""
+    planned = decisions.plan_next_check(facts, now, policy, _RNG)
+    return None if planned >= now + policy.check_interval else planned
+
+
 def _shown(value: object) -> str:
     """A caller's value for an error message: quoted with escapes (one line), at most 80 characters."""
     text = repr(value)
@@ -297,7 +361,7 @@ _AUTH_COLUMNS = (
     _S.end_reason,
     _S.active_expires_at,
     _S.created_at,
-    _S.last_checked_at,
+    verification.last_checked_at().label("last_checked_at"),
     _S.uncertain,
     _S.active_token_hash,
     _S.active_token_enc,
@@ -433,14 +497,8 @@ def _end_sessions(*where: sa.ColumnElement[bool], reason: str, now: datetime) ->
         sa.update(S)
         .where(models.session_is_active(), *where)
         .values(
-            state=models.SessionState.LOGGED_OUT,
-            end_reason=reason,
-            ended_at=now,
-            updated_at=now,
+            **models.ending(models.SessionState.LOGGED_OUT, reason=reason, at=now),
             refresh_token_enc=None,  # spent with the session; nobody may refresh it again
-            claimed_until=None,
-            claim_token=None,
-            version=S.version + 1,  # a sync worker holding the row drops its result
         )
         .returning(S.id, S.user_id, S.active_token_enc)
         .execution_options(synchronize_session="fetch")

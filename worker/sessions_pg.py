@@ -41,7 +41,7 @@ _RECORD_LOGIN = sa.text(
         p_active_token_hash => :active_token_hash, p_refresh_token_enc => :refresh_token_enc,
         p_active_issued_at => :active_issued_at, p_active_expires_at => :active_expires_at,
         p_refresh_expires_at => :refresh_expires_at, p_handle_hash => CAST(:handle_hash AS text),
-        p_next_check_at => :next_check_at, p_now => :now
+        p_next_check_at => coalesce(CAST(:next_check_at AS timestamptz), 'infinity'), p_now => :now
     )
     """
 )

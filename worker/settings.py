@@ -20,7 +20,20 @@ import sqlalchemy as sa
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from worker import errors
+from worker import crypto, errors
+
+__all__ = [
+    "BROKER_SCHEMES",
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_QUEUE",
+    "MAX_DURATION",
+    "SECRET_FILES",
+    "Duration",
+    "Settings",
+    "parse_duration",
+]
 
 #: Where the SQLite database lives when DATABASE_URL is not set (embedded defaults).
 DEFAULT_DATABASE_URL = "sqlite:///session-sync.db"
@@ -113,8 +126,9 @@ class Settings(BaseSettings):
     #: How long an active token the worker replaced by a refresh still authenticates (web-app side).
     refresh_grace: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_REFRESH_GRACE")
     rate_limit: float = Field(100.0, gt=0, allow_inf_nan=False, alias="SESSION_SYNC_RATE_LIMIT")
-    #: Where every worker shares the rate limit's bucket: a ``redis://`` URL, or ``local`` (each process
-    #: alone). Unset: the broker when it is Redis, else local (worker.ratelimit.from_settings).
+    #: Where every worker shares the rate limit's bucket: a ``redis://`` URL, ``database`` (DATABASE_URL's
+    #: table ``rate_limit_buckets``), or ``local`` (each process alone). Unset: the broker when it is Redis,
+    #: else the database on PostgreSQL, else local (worker.ratelimit.default_store).
     rate_limit_store: str | None = Field(None, alias="SESSION_SYNC_RATE_LIMIT_STORE")
     queue: str = Field(DEFAULT_QUEUE, min_length=1, max_length=200, alias="SESSION_SYNC_QUEUE")
     lease: Duration = Field(timedelta(minutes=2), alias="SESSION_SYNC_LEASE")
@@ -232,8 +246,6 @@ class Settings(BaseSettings):
     def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        from worker import crypto  # crypto imports this module
-
         try:
             crypto.parse_keys(value.get_secret_value())
         except errors.ConfigError as exc:  # its message names the key's position, never the key
@@ -265,9 +277,9 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_store")
     @classmethod
     def _check_rate_limit_store(cls, value: str | None) -> str | None:
-        if value is None or value == "local" or value.startswith(("redis://", "rediss://")):
+        if value is None or value in ("local", "database") or value.startswith(("redis://", "rediss://")):
             return value
-        raise ValueError("must be a redis:// URL (such as redis://127.0.0.1:6379/0) or local")
+        raise ValueError("must be a redis:// URL (such as redis://127.0.0.1:6379/0), database or local")
 
     @field_validator("queue")
     @classmethod

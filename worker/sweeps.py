@@ -7,7 +7,6 @@ second ``INSERT`` into nothing, as procrastinate does for its periodic tasks.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -15,6 +14,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from worker import db as dbmod
 from worker import models
+from worker.counts import SyncCountsDict
+from worker.reports import LastSweep
 
 W = models.SweepRun
 
@@ -42,23 +43,23 @@ def record_fanout(db: orm.Session, *, slot: datetime, due: int, batches: int) ->
     db.execute(sa.update(W).where(W.slot == slot).values(due=due, batches=batches))
 
 
-def add_counts(db: orm.Session, *, slot: datetime, counts: dict[str, Any], now: datetime) -> None:
+def add_counts(db: orm.Session, *, slot: datetime, counts: SyncCountsDict, now: datetime) -> None:
     """Add a batch's counts to its sweep's row (concurrent batches add up atomically)."""
     db.execute(
         sa.update(W)
         .where(W.slot == slot)
         .values(
-            checked=W.checked + int(counts.get("checked", 0)),
-            refreshed=W.refreshed + int(counts.get("refreshed", 0)),
-            revoked=W.revoked + int(counts.get("revoked", 0)),
-            failed=W.failed + int(counts.get("failed", 0)),
-            stopped=sa.or_(W.stopped, sa.literal(bool(counts.get("stopped")))),
+            checked=W.checked + counts["checked"],
+            refreshed=W.refreshed + counts["refreshed"],
+            revoked=W.revoked + counts["revoked"],
+            failed=W.failed + counts["failed"],
+            stopped=sa.or_(W.stopped, sa.literal(counts["stopped"])),
             finished_at=now,
         )
     )
 
 
-def last_sweep(db: orm.Session) -> dict[str, Any] | None:
+def last_sweep(db: orm.Session) -> LastSweep | None:
     """The most recent sweep as a JSON-friendly dict, or None if none ran yet."""
     row = db.scalars(sa.select(W).order_by(W.slot.desc()).limit(1)).first()
     if row is None:

@@ -14,11 +14,11 @@ from rest_framework import response as drf_response
 from rest_framework import views as drf_views
 
 from examples.django_project.models import LogoutNote, Profile
-from worker import authn, errors, sessions, wire
+from worker import authn, sessions
 from worker.web import django as session_sync
 
 
-async def _exchange(code: str) -> wire.SessionCreds:
+async def _exchange(code: str) -> sessions.SessionCreds:
     async with authn.AuthnClient.from_settings(session_sync.worker_settings()) as client:
         return await client.userinfo(code)
 
@@ -33,9 +33,9 @@ def callback(request: http.HttpRequest) -> http.HttpResponse:
     """Where Pangea's hosted login redirects: exchange the code, record the login with the app's profile."""
     try:
         creds = asyncio.run(_exchange(request.GET.get("code", "")))
-    except errors.AuthnRequestRejected:
+    except sessions.AuthnRequestRejected:
         return http.JsonResponse({"detail": "the login code is not valid"}, status=400)
-    except errors.AuthnError:
+    except sessions.AuthnError:
         return http.JsonResponse({"detail": "Pangea AuthN did not answer"}, status=502)
     with transaction.atomic():  # the profile and the session commit together
         profile, _ = Profile.objects.get_or_create(

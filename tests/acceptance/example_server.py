@@ -13,7 +13,7 @@ import httpx
 
 from tests.acceptance.harness import ROOT, wait_for
 from tests.conftest import RunningEmulator, require
-from tests.helpers import KEY
+from tests.helpers import env_for
 
 #: The grace period the example apps run with (seconds), short so a test can outlive it.
 GRACE = 2.0
@@ -21,17 +21,10 @@ GRACE = 2.0
 
 def app_env(db_url: str, emu: RunningEmulator, home: Path, **extra: str) -> dict[str, str]:
     """An example app's environment: the same variables as the worker's, and only a client token."""
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(home),
-        "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": db_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.client_token,  # an app needs only a client token
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "SESSION_SYNC_REFRESH_GRACE": f"{GRACE}s",
-        "SESSION_SYNC_REFRESH_MARGIN": "10s",
-    } | extra
+    process = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "PYTHONPATH": str(ROOT)}
+    settings = {"SESSION_SYNC_REFRESH_GRACE": f"{GRACE}s", "SESSION_SYNC_REFRESH_MARGIN": "10s"}
+    # an app needs only a client token
+    return process | env_for(db_url, emu, token=emu.client_token, broker=None) | settings | extra
 
 
 def require_modules(*names: str) -> None:

@@ -11,8 +11,10 @@ the proxy.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,10 +30,10 @@ from celery import Celery
 
 from tests import app_beside
 from tests.acceptance import harness
-from tests.conftest import free_port
+from tests.conftest import XDIST_WORKER, free_port
 from tests.forward_proxy import RunningProxy, running_proxy
 from tests.helpers import KEY
-from worker import crypto, emulator, kick, models, sessions
+from worker import crypto, emulator, kick, models, sessions, task_names
 from worker import db as dbmod
 from worker.settings import DEFAULT_QUEUE, Settings
 
@@ -52,8 +54,25 @@ PROXY_VARIABLES = (
 
 @pytest.fixture(scope="session")
 def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with session-sync installed from a wheel built from this checkout (one per test run)."""
-    root = tmp_path_factory.mktemp("wheel")
+    """A fresh venv with session-sync installed from a wheel built from this checkout (one per test run).
+
+    Under ``pytest -n`` the workers share it: the run's temporary folder is common to them, the
+    first to get there builds under a lock, the others wait for it and reuse it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if XDIST_WORKER else base
+    with (shared / "wheel.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, whatever happens
+        venv = shared / "wheel" / "venv"
+        if not (shared / "wheel" / "built").exists():
+            _build_wheel_venv(shared / "wheel")
+            (shared / "wheel" / "built").touch()
+    return venv
+
+
+def _build_wheel_venv(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)  # what an interrupted build left
+    root.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     built = subprocess.run(
         [*pip, "wheel", str(ROOT), "--no-deps", "-w", str(root / "dist")], capture_output=True, text=True, timeout=300
@@ -69,7 +88,6 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
-    return venv
 
 
 def clean_env(workdir: Path, **extra: str) -> dict[str, str]:
@@ -196,7 +214,7 @@ def story(
     # ... and checked
     checked = run(venv, "session-sync", "check", cwd=work, env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert [line.split()[0] for line in checked.stdout.splitlines()] == ["ok"] * 4
+    assert [line.split()[0] for line in checked.stdout.splitlines()] == ["ok"] * 5
 
     # ... with the app's own Celery worker on the same Redis (Celery's default queue), and ours beside it
     app_beside.write_celery_app(app_dir)
@@ -288,7 +306,7 @@ def story(
     app_log, our_log = app_worker.output(), ours.output()
     assert "session_sync" not in app_log and "unregistered" not in app_log.lower(), app_log[-3000:]
     assert "shop.add" not in our_log
-    assert "Task session_sync.resync_batch" in our_log and "Task session_sync.deliver_logouts" in our_log
+    assert f"Task {task_names.RESYNC_BATCH}" in our_log and f"Task {task_names.DELIVER_LOGOUTS}" in our_log
 
     # ... the app's tables and history are as they were, and ours are only ours
     assert app_beside.app_versions(pg_url) == [app_beside.APP_REVISION]

@@ -15,38 +15,37 @@ import pytest
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator, free_port
-from tests.helpers import KEY, login, settings_for
+from tests.helpers import env_for, login, settings_for
 from worker import checks, queries, runtime
 
 pytestmark = [pytest.mark.timeout(180)]
 
 
-def env_for(db_url: str, redis_url: str, emu: RunningEmulator, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": db_url,
-        "CELERY_BROKER_URL": redis_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "SESSION_SYNC_HTTP_TIMEOUT": "2",
-        "SESSION_SYNC_HTTP_RETRIES": "0",
-    } | extra
+def check_env(db_url: str, redis_url: str, emu: RunningEmulator, **extra: str) -> dict[str, str]:
+    """The deployment ``check`` looks at: no HTTP retries, so a failing check fails at once."""
+    return (
+        env_for(db_url, emu, broker=redis_url)
+        | {"SESSION_SYNC_HTTP_TIMEOUT": "2", "SESSION_SYNC_HTTP_RETRIES": "0"}
+        | extra
+    )
 
 
 @pytest.mark.redis
 def test_check_passes_on_a_ready_deployment(pg_url: str, redis_url: str, emu: RunningEmulator, tmp_path: Path) -> None:
-    env = env_for(pg_url, redis_url, emu)
+    env = check_env(pg_url, redis_url, emu)
     # When the operator runs the check
     done = harness.run_cli(env, tmp_path, "check")
     # Then every line is ok, one per check, and it exits 0
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
-    assert [line.split()[:2] for line in lines] == [["ok", n] for n in ("settings", "database", "broker", "pangea")]
-    assert "at head revision" in lines[1] and "accepts our service token" in lines[3]
-    assert "cannot" not in lines[3] and "bulk revalidation" in lines[3]
+    assert [line.split()[:2] for line in lines] == [["ok", n] for n in checks.NAMES]
+    assert "at head revision" in lines[1] and "accepts our service token" in lines[4]
+    assert "cannot" not in lines[4] and "bulk revalidation" in lines[4]
+    # ... and it says where the rate limit is shared: the Redis broker here
+    assert "100 requests/s shared in Redis at 127.0.0.1:6379/" in lines[3]
     # And --json says the same for machines, with what the token can do
     as_json = json.loads(harness.run_cli(env, tmp_path, "check", "--json").stdout)
-    assert as_json["ok"] is True and [c["ok"] for c in as_json["checks"]] == [True] * 4
+    assert as_json["ok"] is True and [c["ok"] for c in as_json["checks"]] == [True] * 5
     assert all(as_json["capabilities"].values())
     # With a client token, the operator learns before it matters what it cannot do
     client = harness.run_cli(env | {"PANGEA_AUTHN_TOKEN": emu.client_token}, tmp_path, "check", "--json")
@@ -56,7 +55,7 @@ def test_check_passes_on_a_ready_deployment(pg_url: str, redis_url: str, emu: Ru
         "user_logout_in_one_call": False,
         "invalidate_by_session_id": False,
     }
-    line = harness.run_cli(env | {"PANGEA_AUTHN_TOKEN": emu.client_token}, tmp_path, "check").stdout.splitlines()[3]
+    line = harness.run_cli(env | {"PANGEA_AUTHN_TOKEN": emu.client_token}, tmp_path, "check").stdout.splitlines()[4]
     assert "accepts our client token" in line and "cannot: bulk revalidation" in line
 
 
@@ -88,7 +87,7 @@ def test_each_failure_is_one_line_and_a_non_zero_exit(
     says: str,
 ) -> None:
     fill = {"port": str(free_port()), "empty": f"sqlite:///{tmp_path / 'empty.db'}"}
-    env = env_for(pg_url, redis_url, emu) | {k: v.format(**fill) for k, v in change.items()}
+    env = check_env(pg_url, redis_url, emu) | {k: v.format(**fill) for k, v in change.items()}
     # When one thing is wrong
     done = harness.run_cli(env, tmp_path, "check", "--json", timeout=60)
     # Then the check names it, says why, and exits with its code
@@ -97,6 +96,33 @@ def test_each_failure_is_one_line_and_a_non_zero_exit(
     bad = [c for c in report["checks"] if not c["ok"]]
     assert report["ok"] is False and bad[0]["name"] == failing and says in bad[0]["detail"], report
     assert emu.service_token not in done.stdout + done.stderr
+
+
+@pytest.mark.redis
+def test_readiness_skips_pangea_with_the_same_lines_and_exit_codes(
+    pg_url: str, redis_url: str, emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # Given a deployment whose database and broker answer, and a Pangea that does not (nothing on its port)
+    env = check_env(pg_url, redis_url, emu, PANGEA_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    assert harness.run_cli(env, tmp_path, "check", timeout=60).returncode == checks.EXIT_FAILURE
+    # When a readiness probe runs the check without Pangea
+    done = harness.run_cli(env, tmp_path, "check", "--skip", "pangea", timeout=60)
+    # Then it passes, one line per check, and says which one it did not run
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [["ok", n] for n in checks.NAMES[:-1]] + [["skip", "pangea"]]
+    assert lines[-1].endswith("not checked (--skip pangea)")
+    as_json = json.loads(harness.run_cli(env, tmp_path, "check", "--skip", "pangea", "--json").stdout)
+    assert as_json["ok"] is True and as_json["skipped"] == ["pangea"]
+    assert [c["name"] for c in as_json["checks"]] == list(checks.NAMES[:-1])
+    # ... while what it does run still fails as before: a broker down is the broker's line and exit code
+    down = env | {"CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    broken = harness.run_cli(down, tmp_path, "check", "--skip", "pangea", timeout=60)
+    assert broken.returncode == checks.EXIT_FAILURE and "FAIL  broker" in broken.stdout
+    # ... and a check that does not exist (or the settings, which every other check needs) is a usage error
+    for bad in ("pangaea", "settings"):
+        wrong = harness.run_cli(env, tmp_path, "check", "--skip", bad)
+        assert wrong.returncode == 2 and "Invalid value for '--skip'" in wrong.stderr, wrong.stderr
 
 
 @pytest.mark.redis
@@ -117,7 +143,10 @@ def test_the_worker_refuses_to_start_on_a_stale_schema_or_a_missing_setting(
     request: pytest.FixtureRequest,
 ) -> None:
     # Given a database nobody migrated, or a required setting missing
-    env = env_for(request.getfixturevalue(database), redis_url, emu) | {"PATH": str(harness.BIN), "HOME": str(tmp_path)}
+    env = check_env(request.getfixturevalue(database), redis_url, emu) | {
+        "PATH": str(harness.BIN),
+        "HOME": str(tmp_path),
+    }
     env.pop(unset or "", None)
     # When the worker is started
     done = subprocess.run(
@@ -145,7 +174,7 @@ def test_a_refused_token_is_exit_3_in_sweep_resync_and_status(
             queries.make_due(db, now=datetime.now(UTC), session_ids=[sid])
     finally:
         rt.close()
-    env = env_for(sqlite_url, "memory://", emu, PANGEA_AUTHN_TOKEN="pts_" + "w" * 32)
+    env = check_env(sqlite_url, "memory://", emu, PANGEA_AUTHN_TOKEN="pts_" + "w" * 32)
     # When the operator runs each command that talks to Pangea, and then status
     sweep = harness.run_cli(env, tmp_path, "sweep", "--once")
     resync = harness.run_cli(env, tmp_path, "resync", "--all", "--local")

@@ -15,7 +15,7 @@ from pangea.services import AuthN
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator, free_port
-from tests.helpers import KEY
+from tests.helpers import KEY, env_for
 from worker import emulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,12 +82,7 @@ def _answers(base: str) -> bool:
 
 
 def test_db_upgrade_sweep_and_status_on_a_fresh_sqlite_file(tmp_path: Path, emu: RunningEmulator) -> None:
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-    }
+    env = env_for(f"sqlite:///{tmp_path / 'app.db'}", emu, broker=None)
     # Given a new database, migrated by the CLI
     upgraded = harness.run_cli(env, tmp_path, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr

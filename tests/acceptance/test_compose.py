@@ -42,7 +42,7 @@ from tests.acceptance import harness
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import KEY
 from worker import db as dbmod
-from worker import emulator, models
+from worker import emulator, models, task_names
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -176,6 +176,9 @@ def test_dependencies_exist_and_wait_on_the_right_condition() -> None:
     assert ("worker", "emulator", "service_healthy") in edges
     assert services["worker"]["depends_on"]["emulator"]["required"] is False  # not there with real Pangea
     assert services["migrate"]["command"] == ["session-sync", "db", "upgrade"]
+    # ... and the worker's healthcheck is its /metrics and `session-sync check`, without Pangea (readiness)
+    worker_test = services["worker"]["healthcheck"]["test"]
+    assert worker_test[0] == "CMD-SHELL" and worker_test[1].endswith("&& session-sync check --skip pangea")
     # ... and the one image they share is built from this repository's Dockerfile
     assert all(s.get("build") in (None, ".") for s in services.values())
     assert (harness.ROOT / "Dockerfile").exists()
@@ -275,7 +278,11 @@ class Stack:
         for key, value in (self.services[service].get("environment") or {}).items():
             value = str(value)
             host = urlsplit(value).hostname if "://" in value else None
-            env[key] = self.servers[host] if host in self.servers else self._port(service, self._here(value, service))
+            env[key] = (
+                self.servers[host]
+                if host is not None and host in self.servers
+                else self._port(service, self._here(value, service))
+            )
         path = f"{harness.BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the image's programs come first, as in it
         return {"PATH": path, "HOME": str(self.workdir), "PYTHONUNBUFFERED": "1"} | env | FASTER
 
@@ -384,13 +391,13 @@ def test_each_service_command_starts_outside_docker(stack: Stack, empty_pg_url: 
     pangea_url = stack.env("worker")["PANGEA_BASE_URL"]
     assert httpx.get(f"{pangea_url}/emulator/stats", timeout=5).status_code == 200
     assert ("emulator" in stack.procs) == (stack.mode == "emulator")
-    # ... the worker is ready and its healthcheck (its /metrics) passes
+    # ... the worker is ready and its healthcheck (its /metrics, then `session-sync check --skip pangea`) passes
     worker = stack.procs["worker"]
     harness.wait_for(lambda: "ready." in worker.output(), timeout=60, what="worker ready")
     harness.wait_for(lambda: stack.healthy("worker"), timeout=30, what="worker healthcheck")
     # ... beat sends a sweep, the worker runs it (recorded in the database), and beat's healthcheck passes
     beat = stack.procs["beat"]
-    harness.wait_for(lambda: "Sending due task sweep (session_sync.sweep)" in beat.output(), timeout=30, what="beat")
+    harness.wait_for(lambda: f"Sending due task sweep ({task_names.SWEEP})" in beat.output(), timeout=30, what="beat")
     engine = sa.create_engine(empty_pg_url)
     try:
         harness.wait_for(lambda: _sweeps(engine) > 0, timeout=30, what="a sweep recorded by the worker")
@@ -406,6 +413,10 @@ def test_each_service_command_starts_outside_docker(stack: Stack, empty_pg_url: 
     # ... with every process still running, logging JSON lines by default
     assert all(p.proc.poll() is None for name, p in stack.procs.items() if name != "migrate")
     assert any(line.startswith("{") and '"action": "sweep"' in line for line in worker.output().splitlines())
+    # ... and the worker's readiness is not Pangea's: with the emulator service gone, it stays healthy
+    if stack.mode == "emulator":
+        stack.procs["emulator"].kill(signal.SIGTERM)
+        assert stack.healthy("worker")
 
 
 def test_beat_is_healthy_only_while_the_sweeps_it_sends_are_run(pg_url: str, redis_url: str, tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_django_path_writes_the_database_contract(app_url: str, db_url: str, emu
     assert written["handle_hash"] is not None and written["state"] == "active"
     assert written["user_id"] == login.json()["user_id"] and written["email"] == "ann@example.com"
     assert str(written["pangea_session_id"]).startswith("pmt_") and str(written["active_token_id"]).startswith("pmt_")
-    assert written["next_check_at"] is not None and written["end_reason"] is None and written["ended_at"] is None
+    assert written["bucket"] is not None and written["end_reason"] is None and written["ended_at"] is None
 
     # When she logs out through the Django project
     assert client.post("/logout", headers={"Authorization": f"Bearer {token}"}).status_code == 200

@@ -23,7 +23,7 @@ from tests.acceptance import harness
 from tests.acceptance.test_worker import worker_env
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import active_token, login, row
-from worker import runtime
+from worker import runtime, task_names
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -97,13 +97,13 @@ def test_support_resyncs_everything_from_flower(
             )
 
             # When someone without credentials tries the API
-            anonymous = httpx.post(f"{base}/api/task/async-apply/session_sync.resync", json={}, timeout=10)
+            anonymous = httpx.post(f"{base}/api/task/async-apply/{task_names.RESYNC}", json={}, timeout=10)
             listing = httpx.get(f"{base}/api/tasks", timeout=10)
             # Then Flower refuses
             assert (anonymous.status_code, listing.status_code) == (401, 401)
 
             # When support applies session_sync.resync with no arguments (everything)
-            applied = httpx.post(f"{base}/api/task/async-apply/session_sync.resync", json={}, auth=AUTH, timeout=10)
+            applied = httpx.post(f"{base}/api/task/async-apply/{task_names.RESYNC}", json={}, auth=AUTH, timeout=10)
             assert applied.status_code == 200, applied.text
             task_id = applied.json()["task-id"]
 
@@ -125,12 +125,12 @@ def test_support_resyncs_everything_from_flower(
                 return found
 
             harness.wait_for(
-                lambda: {"session_sync.resync", "session_sync.resync_batch", "session_sync.sweep"} <= by_name().keys(),
+                lambda: {task_names.RESYNC, task_names.RESYNC_BATCH, task_names.SWEEP} <= by_name().keys(),
                 timeout=30,
                 what="task events",
             )
             # ... where the batch reports the counts: five checked, the killed one revoked
-            [batch_id] = by_name()["session_sync.resync_batch"]
+            [batch_id] = by_name()[task_names.RESYNC_BATCH]
             harness.wait_for(lambda: finished(batch_id) is not None, timeout=40, what="the batch to finish")
             batch = finished(batch_id)
             assert batch is not None and batch["state"] == "SUCCESS", (batch, worker.output()[-3000:])
@@ -139,7 +139,7 @@ def test_support_resyncs_everything_from_flower(
             assert counts["revoked_by_reason"] == {"invalid_token": 1}
             tasks = get(base, "/api/tasks").text
             info = get(base, f"/api/task/info/{task_id}").json()
-            assert info["name"] == "session_sync.resync" and info["state"] == "SUCCESS"
+            assert info["name"] == task_names.RESYNC and info["state"] == "SUCCESS"
             assert info["args"] == "()" and info["kwargs"] == "{}"
             assert "'batches': 1" in info["result"]
             # ... where no token, ciphertext or key shows, in any task's args, kwargs or result

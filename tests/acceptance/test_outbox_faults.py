@@ -28,8 +28,8 @@ from celery import Celery
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator
-from tests.helpers import KEY
-from worker import emulator, models, outbox, runtime, sessions, wire
+from tests.helpers import env_for
+from worker import emulator, models, runtime, sessions, task_names, wire
 from worker.settings import DEFAULT_QUEUE, Settings
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -42,23 +42,23 @@ E = models.LogoutEvent
 
 
 def worker_env(pg_url: str, redis_url: str, emu: RunningEmulator, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": pg_url,
-        "CELERY_BROKER_URL": redis_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "SESSION_SYNC_OUTBOX_PERIOD": "1s",
-        "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
-        "SESSION_SYNC_OUTBOX_BACKOFF_CAP": "4s",
-        "SESSION_SYNC_OUTBOX_BATCH_SIZE": "25",
-        "SESSION_SYNC_CONCURRENCY": "25",
-        "SESSION_SYNC_RATE_LIMIT": "150",  # shared by every worker process through Redis
-        "SESSION_SYNC_LEASE": "15s",  # far above one batch's worst case (25 calls in parallel, 2 s timeouts)
-        "SESSION_SYNC_HTTP_TIMEOUT": "2",
-        "SESSION_SYNC_HTTP_RETRIES": "1",
-        "SESSION_SYNC_CHECK_INTERVAL": "1h",
-    } | extra
+    """Workers that deliver the outbox every second, 25 at a time, under a shared rate limit."""
+    return (
+        env_for(pg_url, emu, broker=redis_url)
+        | {
+            "SESSION_SYNC_OUTBOX_PERIOD": "1s",
+            "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
+            "SESSION_SYNC_OUTBOX_BACKOFF_CAP": "4s",
+            "SESSION_SYNC_OUTBOX_BATCH_SIZE": "25",
+            "SESSION_SYNC_CONCURRENCY": "25",
+            "SESSION_SYNC_RATE_LIMIT": "150",  # shared by every worker process through Redis
+            "SESSION_SYNC_LEASE": "15s",  # far above one batch's worst case (25 calls in parallel, 2 s timeouts)
+            "SESSION_SYNC_HTTP_TIMEOUT": "2",
+            "SESSION_SYNC_HTTP_RETRIES": "1",
+            "SESSION_SYNC_CHECK_INTERVAL": "1h",
+        }
+        | extra
+    )
 
 
 async def _logins(rt: runtime.Runtime, emu: RunningEmulator, emails: list[str]) -> list[dict[str, Any]]:
@@ -159,7 +159,9 @@ def test_every_logout_reaches_pangea_through_faults_crashes_and_a_flushed_broker
                 with rt.sessions.begin() as db:
                     for sid in ids[chunk : chunk + 100]:
                         sessions.logout(
-                            db, sid, kick=lambda: kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE, expires=30)
+                            db,
+                            sid,
+                            kick=lambda: kicker.send_task(task_names.DELIVER_LOGOUTS, queue=DEFAULT_QUEUE, expires=30),
                         )
             with rt.sessions.begin() as db:
                 for user in multi_users:
@@ -185,7 +187,7 @@ def test_every_logout_reaches_pangea_through_faults_crashes_and_a_flushed_broker
 
         # ... and delivering again, by beat and by hand, sends Pangea nothing more
         after = logout_stats(emu)
-        kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE)
+        kicker.send_task(task_names.DELIVER_LOGOUTS, queue=DEFAULT_QUEUE)
         time.sleep(3)
         assert logout_stats(emu) == after
     finally:
@@ -210,18 +212,18 @@ def test_every_logout_reaches_pangea_through_faults_crashes_and_a_flushed_broker
         assert verdicts == {wire.Verdict.INVALID: len(seeded)}
         # Exactly one successful logout per session at Pangea; an InvalidToken answer only for calls the
         # killed worker made but never recorded; user logouts once each (plus the same crash window)
-        client, user = after[CLIENT_LOGOUT], after[USER_LOGOUT]
-        assert client.get("200") == SESSION_EVENTS, client
-        assert client.get("400", 0) <= orphaned, (client, orphaned)
-        assert USERS <= user.get("200", 0) <= USERS + orphaned, (user, orphaned)
-        assert set(client) <= {"200", "400", "429", "500"} and set(user) <= {"200", "429", "500"}
+        by_token, by_user = after[CLIENT_LOGOUT], after[USER_LOGOUT]
+        assert by_token.get("200") == SESSION_EVENTS, by_token
+        assert by_token.get("400", 0) <= orphaned, (by_token, orphaned)
+        assert USERS <= by_user.get("200", 0) <= USERS + orphaned, (by_user, orphaned)
+        assert set(by_token) <= {"200", "400", "429", "500"} and set(by_user) <= {"200", "429", "500"}
         # No token left in the outbox, in clear or encrypted
         assert not any(token in dump for _, _, token in seeded) and "gAAAA" not in dump
         with capsys.disabled():
             print(
                 f"\noutbox fault run: events={SESSION_EVENTS + USERS} (session={SESSION_EVENTS}, user={USERS}) "
                 f"delivered={final['delivered']} dead={final['dead']} pending={final['pending']}\n"
-                f"  emulator {CLIENT_LOGOUT}: {client}   {USER_LOGOUT}: {user}\n"
+                f"  emulator {CLIENT_LOGOUT}: {by_token}   {USER_LOGOUT}: {by_user}\n"
                 f"  SIGKILL at delivered={at_kill['delivered']} leaving {orphaned} leased; "
                 f"Redis flushed at delivered>=600, {after_flush} delivered after the flush\n"
                 f"  seeded {len(seeded)} sessions in {seeded_in:.1f} s; delivered all in {took:.1f} s"

@@ -14,7 +14,7 @@ import redis
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator
-from tests.helpers import KEY, login
+from tests.helpers import env_for, login
 from worker import runtime
 from worker.settings import DEFAULT_QUEUE, Settings
 
@@ -50,15 +50,7 @@ def on_a_terminal(env: dict[str, str], workdir: Path, *args: str) -> tuple[int, 
 def test_resync_all_fans_out_in_batches_with_progress(
     pg_url: str, redis_url: str, emu: RunningEmulator, tmp_path: Path
 ) -> None:
-    env = {
-        "DATABASE_URL": pg_url,
-        "CELERY_BROKER_URL": redis_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "SESSION_SYNC_BATCH_SIZE": "8",
-        "SESSION_SYNC_METRICS_PORT": "0",
-    }
+    env = env_for(pg_url, emu, broker=redis_url, SESSION_SYNC_BATCH_SIZE="8")
     rt = runtime.Runtime(Settings.from_env(env))
     try:
         # Given 30 sessions, batches of 8, and no worker yet

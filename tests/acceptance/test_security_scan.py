@@ -43,8 +43,8 @@ from tests.acceptance import harness
 from tests.acceptance.test_flower import AUTH, answers, running_flower
 from tests.acceptance.test_worker import states
 from tests.conftest import RunningEmulator, _serve_in_thread, free_port
-from tests.helpers import KEY, row
-from worker import crypto, emulator, models, outbox, runtime, sessions
+from tests.helpers import KEY, env_for, row
+from worker import crypto, emulator, models, runtime, sessions, task_names
 from worker.emulator.app import Emulator
 from worker.emulator.store import Store
 from worker.settings import DEFAULT_QUEUE, Settings
@@ -57,7 +57,7 @@ REFRESHERS, DOOMED, MORTAL, LEAVING, HEALTHY = 5, 3, 2, 3, 3
 ACTIVE_TTL = 5.0
 REFRESH = "/v2/client/session/refresh"
 #: Every task the run must have shown Flower.
-TASK_NAMES = {"session_sync.sweep", "session_sync.check_batch", "session_sync.deliver_logouts", "session_sync.resync"}
+TASK_NAMES = {task_names.SWEEP, task_names.CHECK_BATCH, task_names.DELIVER_LOGOUTS, task_names.RESYNC}
 #: A secret's body: what is left of ``ptu_...`` (and the like) without its prefix.
 PREFIXED = re.compile(r"^(?:ptu|ptr|pts|pcl|pmc|lss)_(.{16,})$")
 #: Runs of base64 (standard or url-safe) long enough to hide a token: decoded and searched too.
@@ -222,7 +222,7 @@ def as_text(value: object) -> str:
 def database_texts(conn: sa.Connection) -> tuple[dict[str, str], int, set[str]]:
     """Every row of every table (all schemas but the system's), the row count, and the ciphertexts."""
     texts: dict[str, str] = {}
-    rows_seen, ciphertexts = 0, set()
+    rows_seen, ciphertexts = 0, set[str]()
     inspector = sa.inspect(conn)
     for schema in inspector.get_schema_names():
         if schema in ("information_schema", "pg_catalog") or schema.startswith("pg_"):
@@ -247,7 +247,7 @@ def redis_texts(url: str) -> dict[str, str]:
         "list": lambda k: client.lrange(k, 0, -1),
         "hash": lambda k: [x for pair in client.hgetall(k).items() for x in pair],
         "set": lambda k: client.smembers(k),
-        "zset": lambda k: [member for member, _ in client.zrange(k, 0, -1, withscores=True)],
+        "zset": lambda k: [pair[0] for pair in client.zrange(k, 0, -1, withscores=True)],
         "stream": lambda k: [repr(entry) for entry in client.xrange(k)],
     }
     texts = {}
@@ -267,7 +267,7 @@ def flower_texts(base: str) -> tuple[dict[str, str], list[str]]:
     """Flower's task views (API and HTML) for every task it knows, its worker pages; and the task ids."""
     with httpx.Client(base_url=base, auth=AUTH, timeout=20) as http:
 
-        def get(path: str, **params: object) -> str:
+        def get(path: str, **params: Any) -> str:
             answer = http.get(path, params=params)
             assert answer.status_code == 200, (path, answer.status_code)
             return answer.text
@@ -331,7 +331,7 @@ class Cast:
     handles: set[str] = field(default_factory=set)
     logins: int = 0
 
-    def login(self, rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -> sessions.Login:
+    def login(self, rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: Any) -> sessions.Login:
         code = emu.admin.login(email, **ttl)
         userinfo = rt.run(rt.client.userinfo(code)).to_userinfo()
         with rt.sessions.begin() as db:
@@ -415,22 +415,21 @@ def test_no_secret_of_a_live_run_shows_anywhere(
 ) -> None:
     emu = emulated.running
     metrics_port, flower_port = free_port(), free_port()
-    env = {
-        "DATABASE_URL": pg_url,
-        "CELERY_BROKER_URL": redis_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": f"{crypto.generate_key()},{KEY}",  # a rotation: two keys to keep secret
-        "SESSION_SYNC_CHECK_INTERVAL": "3s",
-        "SESSION_SYNC_SWEEP_PERIOD": "1s",
-        "SESSION_SYNC_REFRESH_MARGIN": "3s",
-        "SESSION_SYNC_BATCH_SIZE": "8",
-        "SESSION_SYNC_OUTBOX_PERIOD": "1s",
-        "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
-        "SESSION_SYNC_HTTP_TIMEOUT": "3",
-        "SESSION_SYNC_METRICS_PORT": str(metrics_port),
-        "SESSION_SYNC_METRICS_HOST": "127.0.0.1",
-    }
+    env = env_for(
+        pg_url,
+        emu,
+        broker=redis_url,
+        SESSION_SYNC_ENCRYPTION_KEYS=f"{crypto.generate_key()},{KEY}",  # a rotation: two keys to keep secret
+        SESSION_SYNC_CHECK_INTERVAL="3s",
+        SESSION_SYNC_SWEEP_PERIOD="1s",
+        SESSION_SYNC_REFRESH_MARGIN="3s",
+        SESSION_SYNC_BATCH_SIZE="8",
+        SESSION_SYNC_OUTBOX_PERIOD="1s",
+        SESSION_SYNC_OUTBOX_BACKOFF="500ms",
+        SESSION_SYNC_HTTP_TIMEOUT="3",
+        SESSION_SYNC_METRICS_PORT=str(metrics_port),
+        SESSION_SYNC_METRICS_HOST="127.0.0.1",
+    )
     rt = runtime.Runtime(Settings.from_env(env))
     kicker = Celery("kicker", broker=redis_url)  # the web app's own Celery app, sending by name
     operator = Operator(env, tmp_path)
@@ -454,7 +453,7 @@ def test_no_secret_of_a_live_run_shows_anywhere(
                 # When Pangea kills some sessions, the app and an operator log others out
                 for sid in cast.doomed:
                     rt.run(rt.client.session_invalidate(row(rt, sid).pangea_session_id or ""))
-                kick = lambda: kicker.send_task(outbox.TASK_NAME, queue=DEFAULT_QUEUE, expires=30)  # noqa: E731
+                kick = lambda: kicker.send_task(task_names.DELIVER_LOGOUTS, queue=DEFAULT_QUEUE, expires=30)  # noqa: E731
                 with rt.sessions.begin() as db:
                     for sid in cast.leaving[:-1]:
                         sessions.logout(db, sid, kick=kick)
@@ -464,7 +463,7 @@ def test_no_secret_of_a_live_run_shows_anywhere(
                 operator("resync", "--all", "--wait", "--json", "--timeout", "60")
                 operator("resync", "--session", str(cast.refreshers[0]), "--wait", "--json", "--timeout", "60")
                 applied = httpx.post(
-                    f"{base}/api/task/async-apply/session_sync.resync",
+                    f"{base}/api/task/async-apply/{task_names.RESYNC}",
                     json={"kwargs": {"session_id": cast.healthy[0]}},
                     auth=AUTH,
                     timeout=10,
@@ -522,7 +521,7 @@ def test_no_secret_of_a_live_run_shows_anywhere(
         assert " DEBUG/" in seen["worker log"], "the worker did not log at DEBUG"
         assert sum(text.startswith("SUCCESS") for text in results.values()) >= 10
         # ... and the broker's messages were read, base64 bodies decoded (a batch's kwargs are its slot)
-        assert '{"slot": "' in reveal("\n".join(line for line in tap.lines if "session_sync.check_batch" in line))
+        assert '{"slot": "' in reveal("\n".join(line for line in tap.lines if task_names.CHECK_BATCH in line))
         assert not [w for w, text in outside.items() if "[REDACTED]" in text], "something tried to log a secret"
 
         refreshed = sorted(minted - cast.tokens)

@@ -19,8 +19,9 @@ import pytest
 import redis
 
 from tests.conftest import RunningEmulator
-from tests.helpers import KEY
+from tests.helpers import env_for
 from worker import db as dbmod
+from worker import task_names
 from worker.settings import DEFAULT_QUEUE
 
 #: What a web process must not load by importing worker.sessions or worker.web.
@@ -71,12 +72,8 @@ def test_a_logout_reads_settings_once_and_kicks_our_queue_without_our_celery_app
         timeout=10,
     ).json()
     (tmp_path / "userinfo.json").write_text(json.dumps(answer))
-    env = {
-        "DATABASE_URL": url,
-        "CELERY_BROKER_URL": redis_url,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "PANGEA_BASE_URL": emu.base_url,
-    }
+    env = env_for(url, emu, broker=redis_url)
+    del env["PANGEA_AUTHN_TOKEN"]  # this web app never calls Pangea: no token in its environment
     script = textwrap.dedent(f"""
         import json, sys
         from worker import settings
@@ -106,5 +103,5 @@ def test_a_logout_reads_settings_once_and_kicks_our_queue_without_our_celery_app
     # And the kick is waiting on our own queue, not on Celery's default one
     broker = redis.Redis.from_url(redis_url)
     [message] = broker.lrange(DEFAULT_QUEUE, 0, -1)
-    assert json.loads(message)["headers"]["task"] == "session_sync.deliver_logouts"
+    assert json.loads(message)["headers"]["task"] == task_names.DELIVER_LOGOUTS
     assert broker.llen("celery") == 0

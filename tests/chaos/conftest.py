@@ -1,12 +1,38 @@
-"""Fixtures of the chaos tests, borrowed from the fault matrix (one home each).
+"""Fixtures of the chaos tests.
 
-``own_redis``: a ``redis-server`` on a free port only this test uses (the soak kills it);
-``report``: prints a line past pytest's capture at once, so a seed shows even if the run hangs.
+``own_redis``: a ``redis-server`` on a free port only this test uses (the soak kills it), borrowed
+from the fault matrix; ``own_postgres``: a PostgreSQL server of the test's own (the soak restarts
+it; see :mod:`tests.chaos.postgres`), with the database migrated; ``report``: prints a line past
+pytest's capture at once, so a seed shows even if the run hangs. ``SESSION_SYNC_CHAOS_KEEP=1``
+leaves the soak's PostgreSQL running after the test (its URL is printed), to read a replay's rows.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.chaos.postgres import PrivatePostgres, binaries
+from tests.conftest import require
 from tests.faults.test_pangea_faults import report
 from tests.faults.test_process_faults import own_redis
 
-__all__ = ["own_redis", "report"]
+__all__ = ["own_postgres", "own_redis", "report"]
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    require(binaries() is not None, "PostgreSQL's server binaries are not installed (/usr/lib/postgresql/*/bin)")
+    server = PrivatePostgres()
+    keep = os.environ.get("SESSION_SYNC_CHAOS_KEEP") == "1"  # replaying a seed: look at the rows afterwards
+    try:
+        server.start()
+        server.create_database()
+        yield server
+    finally:
+        if keep:
+            print(f"\nchaos: PostgreSQL kept at {server.url} (data in {server.root})")
+        else:
+            server.close()

@@ -1,7 +1,8 @@
 """The chaos soak: real workers and beat through an overlapping, seeded schedule of faults, then judged.
 
 Several ``celery -A worker worker`` processes and a ``celery -A worker beat`` work on PostgreSQL
-with a Redis server of the soak's own, against the emulator over HTTP. The :mod:`plan` drives
+with a Redis server of the soak's own (and, when it restarts PostgreSQL, a PostgreSQL server of its
+own too: :mod:`tests.chaos.postgres`), against the emulator over HTTP. The :mod:`plan` drives
 everything at once: users log in and out through ``worker.sessions``, admins end sessions at
 Pangea through its real endpoints, Pangea fails in one way after another, and workers, beat,
 Redis (and, when asked, PostgreSQL) die and come back. Then everything heals and the run is judged
@@ -27,10 +28,11 @@ from sqlalchemy import orm
 
 from tests.chaos import leases, plan
 from tests.chaos.fleet import Fleet
+from tests.chaos.postgres import PrivatePostgres
 from tests.conftest import RunningEmulator
-from tests.faults.test_process_faults import RedisServer, _pg_ctl
+from tests.faults.test_process_faults import RedisServer
 from tests.faults.world import Figures, World, _pangea_sessions, _run, fault_env
-from worker import models, runtime, sessions
+from worker import guard, models, runtime, sessions
 from worker.settings import Settings
 
 S = models.LocalSession
@@ -47,15 +49,26 @@ class SoakWorld(World):
         self.rt = rt
         self.emu = emu
         self.ids: list[int] = []
-        self.doomed: set[int] = set()
-        self.leaving: set[int] = set()
+        # Sets here (the matrix's World keeps lists): the soak adds and tests membership as sessions come and go.
+        self.doomed: set[int] = set()  # type: ignore[assignment]
+        self.leaving: set[int] = set()  # type: ignore[assignment]
         self._pangea_ids: dict[int, str] = {}
         self.user_of: dict[int, str] = {}
 
-    @property  # type: ignore[override]
-    def living(self) -> list[int]:
+    @property
+    def living(self) -> list[int]:  # type: ignore[override]
         """Sessions nobody ended: each must still be active after recovery (or lost in transit)."""
         return [sid for sid in self.ids if sid not in self.doomed and sid not in self.leaving]
+
+    def caught_up(self, since: datetime) -> bool:
+        """Recovered: the fault matrix's measure (the outbox empty, every session ended at Pangea
+        revoked here, every living one verified or refreshed since ``since``), and the guard not
+        tripped. A tripped guard holds revocations until an operator confirms; the soak models no
+        operator, since none of its faults is one an operator should have to confirm."""
+        with self.rt.sessions() as db:
+            if guard.is_tripped(db):
+                return False
+        return super().caught_up(since)
 
     def add(self, session_id: int, pangea_id: str, user_id: str) -> None:
         self.ids.append(session_id)
@@ -66,26 +79,47 @@ class SoakWorld(World):
         return [sid for sid in self.ids if self.user_of[sid] == user_id]
 
     def explain(self, limit: int = 16) -> list[str]:
-        """One line per session that counts against the run: its row, its outbox rows, its audit trail."""
+        """One line per session that counts against the run (what it counts as, its ids, its row,
+        its outbox rows, its audit trail); lost-in-transit sessions, which are expected, come last."""
         live = _run(_pangea_sessions(self.emu, list(self._pangea_ids.values())))
-        lines = []
+        ended = self.emu.admin.ended(list(self._pangea_ids.values()))
+        first: list[str] = []
+        last: list[str] = []
         with self.rt.sessions() as db:
             for sid in self.ids:
                 row = db.get(S, sid)
                 assert row is not None
-                at_pangea = "live" if self._pangea_ids[sid] in live else "gone"
+                item = live.get(self._pangea_ids[sid])
+                carries = item is not None and (item.get("active_token") or {}).get("id") == row.active_token_id
                 role = "doomed" if sid in self.doomed else "leaving" if sid in self.leaving else "living"
                 active = row.state is models.SessionState.ACTIVE
-                if (
-                    (role == "doomed" and active)
-                    or (role == "living" and not active)
-                    or (role == "leaving" and at_pangea == "live")
-                ):
-                    lines.append(
-                        f"session {sid} {role}: {row.state.value}/{row.end_reason} at Pangea {at_pangea};"
-                        f" {_trail(db, sid)}"
-                    )
-        return (self.unapplied_revocations() + lines)[:limit]
+                if role == "doomed" and active:
+                    kind = "missed"
+                elif role == "leaving" and item is not None:
+                    kind = "logout lost"
+                elif item is not None and not active and carries:
+                    kind = "wrongly revoked"
+                elif item is not None and not carries:
+                    kind = "orphaned"
+                elif role == "living" and not active:
+                    kind = "lost in transit" if row.end_reason == "refresh_lost" else "wrongly revoked (unexplained)"
+                else:
+                    continue
+                at_pangea = (
+                    _gone(ended.get(self._pangea_ids[sid]))
+                    if item is None
+                    else "live with our token"
+                    if carries
+                    else "live, another token"
+                )
+                line = (
+                    f"session {sid} {kind} ({role}; user {row.user_id}; Pangea id {self._pangea_ids[sid]}, stored "
+                    f"{row.pangea_session_id}): {row.state.value}/{row.end_reason}, at Pangea "
+                    f"{at_pangea};"
+                    f" {_trail(db, sid)}"
+                )
+                (last if kind == "lost in transit" else first).append(line)
+        return (self.unapplied_revocations() + first + last)[:limit]
 
     def unapplied_revocations(self) -> list[str]:
         """Audit revocations whose row is not revoked with that reason, one line each (see audit_unapplied)."""
@@ -102,6 +136,11 @@ class SoakWorld(World):
                 f" the row is {r.state.value}/{r.end_reason}"
                 for r in db.execute(stmt)
             ]
+
+
+def _gone(ended: dict[str, str] | None) -> str:
+    """How Pangea's side of a session ended, as the emulator journaled it."""
+    return "gone" if ended is None else f"gone ({ended['how']} at {ended['at'][11:23]})"
 
 
 def _trail(db: orm.Session, sid: int) -> str:
@@ -126,6 +165,8 @@ class Tally:
     redis_kills: int = 0
     postgres_restarts: int = 0
     app_errors: int = 0
+    #: Most seconds an event of the plan came later than planned (the driver waits on Pangea and the app).
+    behind_schedule: int = 0
 
 
 class Soak:
@@ -140,7 +181,7 @@ class Soak:
         workdir: Path,
         the_plan: plan.Plan,
         workers: int = 3,
-        postgres: tuple[str, str] | None = None,
+        postgres: PrivatePostgres | None = None,
         slots: list[dict[str, str]] | None = None,
         name: str = "chaos",
         **settings: str,
@@ -159,9 +200,11 @@ class Soak:
         self.fleet = Fleet(self.env, workdir, slots or [{} for _ in range(workers)])
         self.tally = Tally()
         self._rng = random.Random(the_plan.seed)
-        # Enough users that the ones logged out everywhere (never to return, see _ban) never run out
+        # Enough users that the ones Pangea's admins logged out everywhere (never to return, see _ban) never run out
         self._users = [f"u{i}@chaos.example" for i in range(max(200, round(the_plan.seconds * 0.6)))]
-        self._banned: set[str] = set()  # users logged out everywhere: a late user-wide logout would end a new login
+        # Users an admin logged out everywhere at Pangea: the soak's own call, retried through faults
+        # until confirmed, would end a new login (the app's user-wide logouts spare later logins)
+        self._banned: set[str] = set()
         self._emails: dict[str, str] = {}  # Pangea user id -> email
         self._down = {"redis": threading.Lock(), "postgres": threading.Lock()}
         self._next_retry = 0.0
@@ -187,6 +230,8 @@ class Soak:
         started = time.monotonic()
         for event in self.plan.events:
             self._wait_until(started + event.at)
+            # The driver is one thread: on a loaded machine, or with Pangea slow, it falls behind
+            self.tally.behind_schedule = max(self.tally.behind_schedule, round(time.monotonic() - started - event.at))
             self._do(event)
         self._wait_until(started + self.plan.seconds)
         healed = self._heal()
@@ -271,11 +316,13 @@ class Soak:
             "sessions": len(self.world.ids),
             "worker_kills": self.fleet.kills["worker"],
             "beat_kills": self.fleet.kills["beat"],
+            "refused_starts": self.fleet.refused_starts,
         } | {k: v for k, v in self.tally.__dict__.items() if v}
         with self.rt.sessions() as db:  # a tripped guard holds revocations until an operator confirms
-            guard = db.get(models.RevocationGuard, 1)
-        if guard is not None and guard.tripped_at is not None:
-            notes["guard_tripped"] = f"{guard.tripped_at:%H:%M:%S} ({guard.would_revoke} of {guard.checked})"
+            held = db.get(models.RevocationGuard, 1)
+        if held is not None and held.tripped_at is not None:
+            what = "logouts" if "logouts" in (held.reason or "") else "sessions"
+            notes["guard_tripped"] = f"{held.tripped_at:%H:%M:%S} ({held.would_revoke} of {held.checked} {what})"
         if notes["leases_taken_live"]:
             notes["taken_by_clock"] = leases.by_clock(self.rt.db_engine, lease=self.rt.settings.lease)
         return Figures(**{**figures.__dict__, "notes": notes})
@@ -333,8 +380,8 @@ class Soak:
             return
         user = users[event.pick % len(users)]
         if self._app(lambda db: sessions.logout_user(db, user)):
+            # (not banned: a login after this must outlive the logout's delivery, however late)
             self.world.leaving.update(self.world.sessions_of(user))
-            self._ban(user)
             self.tally.user_logouts += 1
 
     def _app(self, work: Callable[[Any], object]) -> bool:
@@ -408,9 +455,9 @@ class Soak:
         if not self._down["postgres"].acquire(blocking=False):
             return
         try:
-            _pg_ctl("stop", self.postgres)
+            self.postgres.stop()
             self.tally.postgres_restarts += 1
             time.sleep(down)
         finally:
-            _pg_ctl("start", self.postgres)
+            self.postgres.start()
             self._down["postgres"].release()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -47,3 +48,52 @@ def test_the_readme_names_every_function_answer_and_required_column(contract: st
         listed = re.search(rf"`{model.__tablename__}` \(NOT NULL: ([^;)]*)", contract)
         assert listed is not None, model.__tablename__
         assert set(re.findall(r"`(\w+)`", listed[1])) == required, model.__tablename__
+
+
+def test_the_readme_sql_for_when_pangea_last_vouched_reads_what_the_worker_derives(
+    contract: str, pg_url: str, emu: Any
+) -> None:
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from tests.helpers import login_many, settings_for
+    from worker import queries, runtime, verification
+
+    # The documented query, as written
+    block = next(b for b in re.findall(r"```sql\n(.*?)```", contract, re.S) if "check_groups g" in b)
+    rt = runtime.Runtime(settings_for(pg_url, emu))
+    try:
+        # Given sessions: one never checked, one on its own schedule, some on groups behind and ahead of
+        # a round's cursor, and groups verified at various times
+        ids = login_many(rt, emu, [f"doc{i}@example.com" for i in range(8)])
+        with rt.sessions.begin() as db:
+            queries.make_due(db, now=rt.clock(), session_ids=ids[1:])
+        rt.run(rt.engine.drain())
+        now = rt.clock()
+        S, G = models.LocalSession, models.CheckGroup
+        with rt.sessions.begin() as db:
+            db.execute(sa.update(S).where(S.id.in_(ids[1:])).values(bucket=5))
+            db.execute(sa.update(S).where(S.id == ids[1]).values(next_check_at=now))
+            db.execute(
+                sa.update(G)
+                .where(G.lo <= 5, G.hi > 5)
+                .values(
+                    verified_at=now + timedelta(seconds=1),
+                    round_started_at=now + timedelta(seconds=2),
+                    cursor_bucket=5,
+                    cursor_id=ids[4],
+                )
+            )
+        # Then the README's SQL answers, for each, what the worker derives (and what authenticate answers)
+        with rt.sessions() as db:
+            for sid in ids:
+                documented = db.execute(sa.text(block.split(";")[0]), {"id": sid}).scalar_one()
+                derived = db.execute(sa.select(verification.last_checked_at()).where(S.id == sid)).scalar_one()
+                assert documented == derived, sid
+            answers = {sid: db.execute(sa.text(block.split(";")[0]), {"id": sid}).scalar_one() for sid in ids}
+        assert answers[ids[2]] == now + timedelta(seconds=2)  # behind the cursor: the round in progress
+        assert answers[ids[6]] == now + timedelta(seconds=1)  # ahead of it: the last completed round
+        assert answers[ids[1]] is not None and answers[ids[1]] < now + timedelta(seconds=1)  # its own schedule
+    finally:
+        rt.close()

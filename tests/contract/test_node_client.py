@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator, require
 from tests.helpers import KEY, settings_for
-from worker import audit, crypto, engine, errors, models, operations, runtime, sessions
+from worker import audit, crypto, engine, errors, models, operations, queries, runtime, sessions, verification
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,7 +79,7 @@ def rt(pg_url: str, emu: RunningEmulator) -> Iterator[runtime.Runtime]:
     made.close()
 
 
-def userinfo(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: float) -> dict[str, Any]:
+def userinfo(rt: runtime.Runtime, emu: RunningEmulator, email: str, **ttl: Any) -> dict[str, Any]:
     """A hosted login at the emulator, exchanged at /v2/client/userinfo: the envelope an app gets."""
     return rt.run(rt.client.userinfo(emu.admin.login(email, **ttl))).to_userinfo()
 
@@ -154,7 +154,9 @@ def assert_login_row(row: dict[str, Any], info: dict[str, Any], cipher: crypto.T
     assert row["active_expires_at"] == datetime.fromisoformat(active["expire"])
     assert row["refresh_expires_at"] == datetime.fromisoformat(refresh["expire"])
     assert (row["state"], row["failures"], row["uncertain"], row["version"]) == ("active", 0, False, 0)
-    assert row["created_at"] == row["updated_at"] and row["next_check_at"] >= row["created_at"]
+    assert row["created_at"] == row["updated_at"]
+    # NULL: on its group's schedule (a fresh login); else its own first check, not before the login
+    assert row["next_check_at"] is None or row["next_check_at"] >= row["created_at"]
     for column in ("end_reason", "ended_at", "last_checked_at", "claimed_until", "claim_token", "rotated_at"):
         assert row[column] is None, column
 
@@ -322,7 +324,9 @@ def test_the_worker_refreshes_nodes_rows_on_time_like_its_own(
 
     # When the worker sweeps at 1 s and 11 s, Then neither is refreshed (the Node row is checked once first)
     sweep_at(1)
-    assert stored(rt, nd)["last_checked_at"] is not None
+    with rt.sessions() as db:  # derived: the Node row is on its group, whose round writes no row of it
+        checked = db.execute(sa.select(verification.last_checked_at()).where(models.LocalSession.id == nd)).scalar_one()
+    assert checked is not None
     sweep_at(11)
     assert (refreshes(rt, py), refreshes(rt, nd)) == (0, 0)
     # When it sweeps at 16 s, Then each is refreshed exactly once
@@ -352,3 +356,31 @@ def test_a_logout_from_node_of_a_lapsed_session_ends_it_at_pangea(
     pangea_id = info["result"]["refresh_token"]["id"]
     assert not rt.run(rt.client.session_list(filter={"id": pangea_id})).sessions
     assert [a for a, _, _ in trail(rt, sid)] == ["logged_out", "logout_sent"]
+
+
+def test_node_reads_when_pangea_last_vouched_as_the_worker_derives_it(
+    rt: runtime.Runtime, emu: RunningEmulator, node: NodeClient
+) -> None:
+    node.call("configure", keys=KEY, grace="2m", realm=REALM)
+    # Given a session recorded by Node, checked once on its own, then on its group's schedule
+    info = userinfo(rt, emu, "vouched@example.com")
+    sid = node.call("record", userinfo=info)["id"]
+    with rt.sessions.begin() as db:
+        queries.make_due(db, now=rt.clock(), session_ids=[sid])
+    rt.run(rt.engine.drain())
+    column = stored(rt, sid)
+    assert column["next_check_at"] is None and column["last_checked_at"] is not None
+
+    # When its group's round checks it again (and writes no row of it)
+    with rt.sessions.begin() as db:
+        db.execute(sa.update(models.CheckGroup).values(next_check_at=rt.clock()))
+    started = rt.clock()
+    assert rt.run(rt.engine.drain()).kept == 1
+    assert stored(rt, sid)["last_checked_at"] == column["last_checked_at"]
+
+    # Then Node, through session_sync_authenticate, reads the round's time, as worker.sessions does
+    token = info["result"]["active_token"]["token"]
+    at = datetime.now(UTC)
+    answer = node_answer(node, token, at)
+    assert answer == python_answer(rt, token, rt.cipher, at)
+    assert answer["session"]["last_checked_at"] >= started > column["last_checked_at"]

@@ -91,7 +91,8 @@ def test_the_unit_tests_fail_when_an_alert_is_broken(tmp_path: Path, alert: str,
 
 def cases() -> tuple[set[str], set[str]]:
     """Alerts that some unit test expects to fire, and alerts some unit test expects quiet."""
-    firing, quiet = set(), set()
+    firing: set[str] = set()
+    quiet: set[str] = set()
     for test in load_yaml(ALERT_TESTS)["tests"]:
         for check in test.get("alert_rule_test") or []:
             (firing if check["exp_alerts"] else quiet).add(check["alertname"])

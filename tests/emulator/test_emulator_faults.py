@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -432,3 +433,37 @@ def test_a_validation_error_fault_refuses_any_request(emu: RunningEmulator) -> N
     assert (answer.status_code, answer.json()["status"]) == (400, "ValidationError")
     assert answer.json()["result"]["errors"][0]["source"] == ""
     assert check(emu).json()["status"] == "InvalidToken"  # other paths answer as usual
+
+
+def test_the_journal_says_how_and_when_each_session_ended(emu: RunningEmulator) -> None:
+    # Given three sessions, one refreshed since its login
+    a, b, c = log_in(emu, "a@example.com"), log_in(emu, "b@example.com"), log_in(emu, "c@example.com")
+    fresh = http_post(emu.base_url, REFRESH, emu.service_token, {"refresh_token": b["refresh_token"]["token"]})
+    assert fresh.json()["status"] == "Success"
+    before = time.time()
+
+    # When one is logged out with its active token, one with the active token its refresh replaced,
+    # and one ended by its id
+    for path, body in (
+        ("/v2/client/session/logout", {"token": a["active_token"]["token"]}),
+        ("/v2/client/session/logout", {"token": b["active_token"]["token"]}),
+        ("/v2/session/invalidate", {"session_id": c["refresh_token"]["id"]}),
+    ):
+        assert http_post(emu.base_url, path, emu.service_token, body).json()["status"] == "Success", path
+
+    # Then the journal tells each apart, with the time it ended; a session never ended is not in it
+    ids = [s["refresh_token"]["id"] for s in (a, b, c)]
+    journal = emu.admin.ended([*ids, "pmt_" + "z" * 32])
+    assert [journal[i]["how"] for i in ids] == [
+        "client/session/logout",
+        "client/session/logout (a replaced active token)",
+        "session/invalidate",
+    ]
+    assert all(before - 1 <= _epoch(journal[i]["at"]) <= time.time() + 1 for i in ids)
+    # ... and a malformed question is refused, saying what is expected
+    with pytest.raises(EmulatorAdminError, match="session_ids"):
+        emu.admin.ended("pmt_x")  # type: ignore[arg-type]
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

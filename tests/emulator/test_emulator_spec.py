@@ -98,11 +98,14 @@ class Spec:
     def request_is_valid(self, path: str, body: Any) -> bool:
         """Whether the spec accepts this request body."""
         pointer = f"{_path_pointer(path)}/requestBody/content/application~1json/schema"
-        return Draft202012Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=self._strict).is_valid(body)
+        return bool(Draft202012Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=self._strict).is_valid(body))
 
 
 def _registry(spec: dict[str, Any]) -> Registry[Any]:
-    return Registry().with_resource(SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012))
+    registry: Registry[Any] = Registry().with_resource(
+        SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012)
+    )
+    return registry
 
 
 def _path_pointer(path: str) -> str:

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator, free_port, require
 from tests.faults.world import Figures, World, fault_env, wait_caught_up
-from worker import models, runtime
+from worker import models, runtime, verification
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.faults, pytest.mark.slow]
@@ -108,14 +108,36 @@ class Run:
 
     def wait_calm(self) -> None:
         """Every session checked at least once: the worker is in its stride."""
-        harness.wait_for(lambda: self.count(S.last_checked_at.is_(None)) == 0, timeout=60, what="a first sweep")
+        # (derived: a round of a group writes no session row, see worker.verification)
+        never = verification.last_checked_at().is_(None)
+        harness.wait_for(lambda: self.count(never) == 0, timeout=60, what="a first sweep")
 
     def count(self, *where: sa.ColumnElement[bool]) -> int:
         with self.rt.sessions() as db:
             return int(db.execute(sa.select(sa.func.count()).select_from(S).where(*where)).scalar_one())
 
     def in_flight(self, *where: sa.ColumnElement[bool]) -> bool:
+        """Work leased right now: sessions claimed by their rows, or (with no condition) a group's round."""
+        G = models.CheckGroup
+        if not where:
+            with self.rt.sessions() as db:
+                leased = db.execute(sa.select(sa.func.count()).where(G.claimed_until > datetime.now(UTC))).scalar_one()
+            if leased:
+                return True
         return self.count(S.claimed_until > datetime.now(UTC), S.state == "active", *where) > 0
+
+    def group_mid_round(self) -> tuple[int, datetime, int] | None:
+        """A check group whose round is leased and part-way through (a page done): id, round start, cursor."""
+        G = models.CheckGroup
+        with self.rt.sessions() as db:
+            found = db.execute(
+                sa.select(G.id, G.round_started_at, G.cursor_id).where(
+                    G.claimed_until > datetime.now(UTC), G.cursor_id > 0
+                )
+            ).first()
+        if found is None or found[1] is None or found[2] is None:
+            return None
+        return int(found[0]), found[1], int(found[2])
 
     def judge(self, healed: datetime, **notes: Any) -> Figures:
         recovered = wait_caught_up(self.world, healed, step=lambda: time.sleep(0.3), timeout=90)
@@ -165,6 +187,37 @@ def test_worker_killed_mid_sweep(run_for: Any, emu: RunningEmulator, capsys: pyt
     run.start_worker("w2")
     healed = datetime.now(UTC)
     report(capsys, run.judge(healed, claimed_at_kill=claimed))
+
+
+def test_worker_killed_mid_group(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_for("sigkill_mid_group", env={"SESSION_SYNC_BATCH_SIZE": "3"})
+    # Given the world's sessions in two check groups, so a group's round takes many pages of three
+    with run.rt.sessions.begin() as db:
+        db.execute(sa.update(S).values(bucket=S.id % 2 * 512))
+    worker = run.start_worker("w1")
+    run.wait_calm()
+    harness.wait_for(lambda: run.count(S.next_check_at.is_(None)) >= 20, timeout=60, what="sessions on their groups")
+    # ... and slow answers, so a round is part-way through its pages when the worker dies
+    emu.admin.faults(latency_ms=400, paths=["/v2/session/list", "/v2/client/token/check"])
+    run.world.doom()
+    run.world.leave()
+    harness.wait_for(lambda: run.group_mid_round() is not None, timeout=30, what="a round part-way through")
+    worker.kill(signal.SIGKILL)
+    group, started, cursor = run.group_mid_round() or (0, None, 0)
+    emu.admin.clear_faults()
+    # When another worker starts, it resumes that round at its cursor once the lease lapses
+    run.start_worker("w2")
+    healed = datetime.now(UTC)
+    figures = run.judge(healed, group=group, cursor_at_kill=cursor)
+    report(capsys, figures)
+    # Then the round the dead worker began was finished (resumed, not begun again)
+    with run.rt.sessions() as db:
+        resumed = db.execute(
+            sa.select(sa.func.count())
+            .select_from(models.CheckGroup)
+            .where(models.CheckGroup.id == group, models.CheckGroup.verified_at >= started)
+        ).scalar_one()
+    assert resumed == 1
 
 
 def test_worker_killed_mid_refresh(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:

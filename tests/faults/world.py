@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,8 +23,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
-from tests.helpers import KEY
-from worker import models, runtime, sessions
+from tests.helpers import env_for
+from worker import models, runtime, sessions, verification
 
 S = models.LocalSession
 E = models.LogoutEvent
@@ -36,27 +36,25 @@ _NEVER = datetime.min.replace(tzinfo=UTC)
 
 def fault_env(pg_url: str, base_url: str, service_token: str, **extra: str) -> dict[str, str]:
     """Settings that make a run short: checks every 2 s, backoff of at most 2 s, 1 s HTTP timeout."""
-    return {
-        "DATABASE_URL": pg_url,
-        "PANGEA_BASE_URL": base_url,
-        "PANGEA_AUTHN_TOKEN": service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "CELERY_BROKER_URL": "memory://",
-        "SESSION_SYNC_CHECK_INTERVAL": "2s",
-        "SESSION_SYNC_SWEEP_PERIOD": "1s",
-        "SESSION_SYNC_REFRESH_MARGIN": "10s",  # capped at half the lifetime: short tokens refresh at ~3 s
-        "SESSION_SYNC_BACKOFF": "500ms",
-        "SESSION_SYNC_BACKOFF_CAP": "2s",
-        "SESSION_SYNC_HTTP_TIMEOUT": "1",
-        "SESSION_SYNC_HTTP_RETRIES": "1",
-        "SESSION_SYNC_LEASE": "3s",
-        "SESSION_SYNC_CONCURRENCY": "25",
-        "SESSION_SYNC_RATE_LIMIT": "1000",
-        "SESSION_SYNC_OUTBOX_PERIOD": "1s",
-        "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
-        "SESSION_SYNC_OUTBOX_BACKOFF_CAP": "2s",
-        "SESSION_SYNC_METRICS_PORT": "0",
-    } | extra
+    return (
+        env_for(pg_url, base_url, token=service_token)
+        | {
+            "SESSION_SYNC_CHECK_INTERVAL": "2s",
+            "SESSION_SYNC_SWEEP_PERIOD": "1s",
+            "SESSION_SYNC_REFRESH_MARGIN": "10s",  # capped at half the lifetime: short tokens refresh at ~3 s
+            "SESSION_SYNC_BACKOFF": "500ms",
+            "SESSION_SYNC_BACKOFF_CAP": "2s",
+            "SESSION_SYNC_HTTP_TIMEOUT": "1",
+            "SESSION_SYNC_HTTP_RETRIES": "1",
+            "SESSION_SYNC_LEASE": "3s",
+            "SESSION_SYNC_CONCURRENCY": "25",
+            "SESSION_SYNC_RATE_LIMIT": "1000",
+            "SESSION_SYNC_OUTBOX_PERIOD": "1s",
+            "SESSION_SYNC_OUTBOX_BACKOFF": "500ms",
+            "SESSION_SYNC_OUTBOX_BACKOFF_CAP": "2s",
+        }
+        | extra
+    )
 
 
 @dataclass(frozen=True)
@@ -167,17 +165,28 @@ class World:
 
     def caught_up(self, since: datetime) -> bool:
         """Every doomed session revoked, every logout delivered, every living session verified since ``since``."""
+        return self.behind(since) is None
+
+    def behind(self, since: datetime) -> str | None:
+        """What the world still waits for (see :meth:`caught_up`), in a line; None when it caught up."""
         with self.rt.sessions() as db:
-            rows = {r.id: r for r in db.execute(sa.select(S.id, S.state, S.last_checked_at, S.rotated_at))}
+            checked = verification.last_checked_at().label("last_checked_at")  # derived: a round writes no row
+            rows = {r.id: r for r in db.execute(sa.select(S.id, S.state, checked, S.rotated_at))}
             queued = db.execute(sa.select(sa.func.count()).where(E.state != "delivered")).scalar_one()
-        if queued or any(rows[sid].state is models.SessionState.ACTIVE for sid in self.doomed):
-            return False
-        for sid in self.living:
-            r = rows[sid]
-            seen = max(r.last_checked_at or _NEVER, r.rotated_at or _NEVER)
-            if r.state is models.SessionState.ACTIVE and seen < since:
-                return False
-        return True
+        if queued:
+            return f"{queued} logouts not delivered"
+        missed = [sid for sid in self.doomed if rows[sid].state is models.SessionState.ACTIVE]
+        if missed:
+            return f"{len(missed)} sessions ended at Pangea still active here (e.g. {sorted(missed)[:5]})"
+        stale = [
+            sid
+            for sid in self.living
+            if rows[sid].state is models.SessionState.ACTIVE
+            and max(rows[sid].last_checked_at or _NEVER, rows[sid].rotated_at or _NEVER) < since
+        ]
+        if stale:
+            return f"{len(stale)} living sessions not verified since the heal (e.g. {sorted(stale)[:5]})"
+        return None
 
     def judge(self, scenario: str, *, recovered_in: float, **notes: Any) -> Figures:
         """The figures, from Pangea's session list and the database (asked with no fault on)."""
@@ -229,7 +238,7 @@ class World:
         )
 
 
-def _audit_unapplied(rows: dict[int, Any], revocations: list[Any]) -> int:
+def _audit_unapplied(rows: dict[int, Any], revocations: Sequence[Any]) -> int:
     """Revocation events the rows do not bear out: one per revoked row, with the row's reason."""
     seen: set[int] = set()
     bad = 0
@@ -248,7 +257,8 @@ def wait_caught_up(world: World, since: datetime, *, step: Callable[[], None], t
     deadline = time.monotonic() + timeout
     while not world.caught_up(since):
         if time.monotonic() > deadline:
-            pytest.fail(f"not caught up {timeout:.0f} s after the heal")
+            waiting = world.behind(since) or "the guard is tripped"
+            pytest.fail(f"not caught up {timeout:.0f} s after the heal: {waiting}")
         step()
     return (datetime.now(UTC) - since).total_seconds()
 

@@ -26,7 +26,7 @@ async def client(emu: RunningEmulator) -> AsyncIterator[authn.AuthnClient]:
         yield c
 
 
-async def login(client: authn.AuthnClient, emu: RunningEmulator, email: str, **ttl: float) -> wire.SessionCreds:
+async def login(client: authn.AuthnClient, emu: RunningEmulator, email: str, **ttl: Any) -> wire.SessionCreds:
     code = await asyncio.to_thread(emu.admin.login, email, **ttl)
     return await client.userinfo(code)
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator
-from tests.helpers import KEY, login
+from tests.helpers import env_for, login
 from worker import cli, cli_outbox, models, runtime, sessions
 from worker.settings import Settings
 
@@ -58,13 +58,7 @@ def seed(rt: runtime.Runtime, emu: RunningEmulator) -> dict[str, Any]:
 def world(make_runtime: Any, emu: RunningEmulator, db_url: str) -> tuple[runtime.Runtime, dict[str, Any], CliRunner]:
     rt = make_runtime(SESSION_SYNC_HTTP_RETRIES="0", SESSION_SYNC_OUTBOX_MAX_ATTEMPTS="1")
     env: dict[str, str | None] = dict.fromkeys(ALIASES)  # nothing from the outer environment leaks in
-    env |= {
-        "DATABASE_URL": db_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "CELERY_BROKER_URL": "memory://",
-    }
+    env |= env_for(db_url, emu)
     return rt, seed(rt, emu), CliRunner(env=env)
 
 
@@ -189,14 +183,7 @@ def test_unknown_ids_are_one_line_errors_and_change_nothing(world: tuple[runtime
 def test_real_processes_say_one_line_and_write_nothing(tmp_path: Path, emu: RunningEmulator) -> None:
     # Given a migrated SQLite database with one session in it, and one never migrated
     db_file, empty = tmp_path / "app.db", tmp_path / "empty.db"
-    base = {
-        "PATH": os.environ.get("PATH", ""),
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "CELERY_BROKER_URL": "memory://",
-        "DATABASE_URL": f"sqlite:///{db_file}",
-    }
+    base = {"PATH": os.environ.get("PATH", "")} | env_for(f"sqlite:///{db_file}", emu)
     assert harness.run_cli(base, tmp_path, "db", "upgrade").returncode == 0
     rt = runtime.Runtime(Settings.from_env(base))
     try:

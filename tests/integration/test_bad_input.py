@@ -45,12 +45,12 @@ def secrets_of(userinfo: Userinfo) -> list[str]:
     return [userinfo["result"][kind]["token"] for kind in ("active_token", "refresh_token")]
 
 
-def at(*path: str | int, value: object = ..., drop: bool = False) -> Callable[[Userinfo], object]:
+def at(*path: str | int, value: object = ..., drop: bool = False) -> Callable[[Userinfo], Any]:
     """A malformation: set (or drop) the value at ``path`` of a copy of the real envelope."""
 
-    def malform(good: Userinfo) -> object:
+    def malform(good: Userinfo) -> Any:
         bad = copy.deepcopy(good)
-        parent = bad
+        parent: Any = bad
         for key in path[:-1]:
             parent = parent[key]
         if drop:

@@ -42,7 +42,7 @@ def test_a_fast_host_never_takes_a_live_lease(make_runtime: Any, emu: RunningEmu
     ids = [login(rt, emu, f"u{i}@example.com") for i in range(5)]
     # Given a worker on a correct host holds these sessions for a minute
     with rt.sessions.begin() as db:
-        queries.make_due(db, now=rt.clock())
+        queries.make_due(db, now=rt.clock(), session_ids=ids)
         held = queries.claim_due_sessions(
             db, now=rt.clock(), limit=10, lease=timedelta(minutes=1), claim_token=secrets.token_hex(8)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
-from tests.helpers import login, row
+from tests.helpers import login, login_many, row
 from worker import guard, models, operations, sessions
 
 
@@ -31,7 +32,7 @@ def test_wrong_project_trips_the_guard_and_revokes_nothing(
     assert all(row(rt, i).state is models.SessionState.ACTIVE for i in ids)
     report = operations.status(rt)
     assert report["revocation_guard"]["tripped"] is True
-    assert "30 of 30" in report["revocation_guard"]["reason"]
+    assert "30 of 30" in (report["revocation_guard"].get("reason") or "")
     with rt.sessions() as db:
         held = db.scalars(sa.select(models.SessionEvent.action).where(models.SessionEvent.session_id == ids[0])).all()
     assert held == ["held"]
@@ -103,7 +104,7 @@ def test_logouts_to_the_wrong_project_are_held_not_counted_as_delivered(
     # Then nothing counts as delivered: the guard trips and holds every logout, and says why
     assert (counts.delivered, counts.held) == (0, 12)
     guard_state = operations.status(rt)["revocation_guard"]
-    assert guard_state["tripped"] is True and "12 of 12 logouts" in guard_state["reason"]
+    assert guard_state["tripped"] is True and "12 of 12 logouts" in (guard_state.get("reason") or "")
     with rt.sessions() as db:
         states = db.scalars(sa.select(models.LogoutEvent.state)).all()
     assert set(states) == {models.OutboxState.PENDING}
@@ -114,3 +115,96 @@ def test_logouts_to_the_wrong_project_are_held_not_counted_as_delivered(
     assert (counts.delivered, counts.already, counts.held) == (12, 0, 0)
     pangea_ids = [row(rt, sid).pangea_session_id for sid in ids]
     assert not rt.run(rt.client.session_list(filter={"id__in": pangea_ids})).sessions
+
+
+def test_logouts_sent_again_after_their_answers_were_lost_do_not_trip_the_guard(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    rt = make_runtime(SESSION_SYNC_GUARD_MIN="10")
+    ids = [login(rt, emu, f"again{i}@example.com") for i in range(12)]
+    with rt.sessions.begin() as db:
+        for sid in ids:
+            sessions.logout(db, sid, kick=False)
+    # Given Pangea performing every logout and then cutting its answer
+    emu.admin.faults(error="Dropped", paths=["/v2/client/session/logout"])
+    first = rt.run(rt.delivery.drain())
+    emu.admin.clear_faults()
+    assert (first.delivered, first.retried) == (0, 12)
+
+    # When the retries go out: each is answered "already logged out", which is right this time
+    _due_now(rt)
+    again = rt.run(rt.delivery.drain())
+
+    # Then they count as delivered (nothing is left at Pangea), and the guard never tripped
+    assert (again.delivered, again.already, again.held) == (12, 12, 0)
+    with rt.sessions() as db:
+        assert not guard.is_tripped(db)
+
+
+def test_logouts_of_a_worker_killed_mid_delivery_do_not_trip_the_guard(
+    make_runtime: Any, emu: RunningEmulator, other_project: str
+) -> None:
+    rt = make_runtime(SESSION_SYNC_GUARD_MIN="10")
+    ids = [login(rt, emu, f"killed{i}@example.com") for i in range(12)]
+    with rt.sessions.begin() as db:
+        for sid in ids:
+            sessions.logout(db, sid, kick=False)
+    # Given a worker that claimed the logouts, sent them (Pangea performed them) and died before
+    # recording anything: its claim lapses
+    tokens = [t for (t,) in _tokens(rt)]
+    for token in tokens:
+        assert rt.run(rt.client.client_logout(token)).verdict.value == "valid"
+    with rt.sessions.begin() as db:
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        db.execute(sa.update(models.LogoutEvent).values(claim_token="dead-worker", claimed_until=past))
+
+    # When another worker delivers them again
+    counts = rt.run(rt.delivery.drain())
+
+    # Then "already logged out" is taken as the delivery it is, and the guard never tripped
+    assert (counts.delivered, counts.already, counts.held) == (12, 12, 0)
+    with rt.sessions() as db:
+        assert not guard.is_tripped(db)
+
+    # But the wrong project still trips it on logouts sent for the first time
+    fresh = [login(rt, emu, f"fresh{i}@example.com") for i in range(12)]
+    with rt.sessions.begin() as db:
+        for sid in fresh:
+            sessions.logout(db, sid, kick=False)
+    wrong = make_runtime(PANGEA_BASE_URL=other_project, SESSION_SYNC_GUARD_MIN="10")
+    held = wrong.run(wrong.delivery.drain())
+    assert (held.delivered, held.held) == (0, 12)
+
+
+def _due_now(rt: Any) -> None:
+    with rt.sessions.begin() as db:
+        db.execute(sa.update(models.LogoutEvent).values(next_attempt_at=datetime.now(UTC)))
+
+
+def _tokens(rt: Any) -> list[tuple[str]]:
+    """The active tokens the queued session logouts carry (decrypted, as a worker would send them)."""
+    with rt.sessions() as db:
+        rows = db.scalars(sa.select(models.LogoutEvent.token_enc).order_by(models.LogoutEvent.id)).all()
+    return [(rt.cipher.decrypt(enc),) for enc in rows]
+
+
+def test_sessions_whose_lost_refresh_we_ended_at_pangea_do_not_trip_the_guard(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    rt = make_runtime(SESSION_SYNC_REVALIDATION="bulk", SESSION_SYNC_GUARD_MIN="5")
+    ids = login_many(rt, emu, [f"lost{i}@example.com" for i in range(12)], active_ttl=8)
+    time.sleep(5.2)  # inside the refresh margin of an 8 s token
+    # Given Pangea performing every refresh and then cutting its answer
+    emu.admin.faults(error_rate=1.0, error="Dropped", paths=["/v2/client/session/refresh"])
+    assert rt.run(rt.engine.resync(session_ids=ids)).revoked == 0
+    emu.admin.clear_faults()
+
+    # When the worker settles them: each refresh happened, and the tokens it minted reached nobody
+    counts = rt.run(rt.engine.resync(session_ids=ids))
+
+    # Then it ends those sessions at Pangea and revokes them here, in one batch, and the guard
+    # (five at most) does not read its own clean-up as Pangea saying everyone is gone
+    assert counts.reasons == {"refresh_lost": 12} and counts.held == 0
+    with rt.sessions() as db:
+        assert not guard.is_tripped(db)
+    assert all(row(rt, sid).end_reason == "refresh_lost" for sid in ids)

@@ -14,7 +14,7 @@ def test_a_crashed_workers_claims_lapse_and_are_taken_over(make_runtime: Any, em
     rt = make_runtime(SESSION_SYNC_LEASE="1s")
     ids = [login(rt, emu, f"c{i}@example.com") for i in range(5)]
     with rt.sessions.begin() as db:
-        queries.make_due(db, now=datetime.now(UTC))
+        queries.make_due(db, now=datetime.now(UTC), session_ids=ids)
     # Given a worker that claimed the batch and died before writing anything
     with rt.sessions.begin() as db:
         claimed = queries.claim_due_sessions(

@@ -8,13 +8,12 @@ refuses any request that breaks its schema. The engine runs against it on SQLite
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import pytest
 
 from tests.conftest import RunningEmulator
-from tests.helpers import login_many, requests, row
+from tests.helpers import login_many, moved_clock, requests, row
 from worker import models
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,10 +69,12 @@ def test_a_fixed_chunk_is_never_refused(make_runtime: Any, emu: RunningEmulator)
     rt = make_runtime(SESSION_SYNC_BATCH_SIZE="30", SESSION_SYNC_REVALIDATION="bulk", SESSION_SYNC_BULK_CHUNK="10")
     login_many(rt, emu, [f"f{i}@example.com" for i in range(30)])
     emu.admin.faults(max_size=10, max_filter_ids=10)
-    # When everything is resynced, then three requests of ten answer for all, none refused
+    # When everything is resynced, then requests of ten answer for all, none refused (three, or four when
+    # the groups' rounds split the thirty over two batches: chunks do not cross batches)
     counts = rt.run(rt.engine.resync())
     assert (counts.checked, counts.kept, counts.failed) == (30, 30, 0)
-    assert emu.admin.stats()["requests"][LIST] == {"200": 3}
+    listed = emu.admin.stats()["requests"][LIST]
+    assert set(listed) == {"200"} and listed["200"] in (3, 4)
 
 
 def test_a_list_refused_however_small_falls_back_to_one_check_per_token(
@@ -93,8 +94,9 @@ def test_a_list_refused_however_small_falls_back_to_one_check_per_token(
 def test_settling_uncertain_refreshes_splits_what_pangea_refuses(make_runtime: Any, emu: RunningEmulator) -> None:
     # Given five sessions whose refresh failed before Pangea performed it (each stays uncertain)
     rt = make_runtime(SESSION_SYNC_REVALIDATION="bulk")
+    clock = moved_clock(rt)
     ids = login_many(rt, emu, [f"s{i}@example.com" for i in range(5)], active_ttl=8)
-    time.sleep(5.2)  # inside the refresh margin
+    clock.advance(5.2)  # inside the refresh margin
     emu.admin.faults(error="InternalError", paths=["/v2/client/session/refresh"])
     rt.run(rt.engine.resync())
     assert all(row(rt, sid).uncertain for sid in ids)

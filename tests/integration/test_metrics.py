@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import active_token, login, row, settings_for
-from worker import authn, errors, metrics, operations
+from worker import authn, errors, exporter, metrics, operations
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,7 +32,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def exposition(settings: Any = None) -> tuple[str, Samples]:
     """What ``/metrics`` would answer in this process (no settings: the counters only), as text and samples."""
-    registry = metrics.serving_registry(settings) if settings else metrics.process_registry()
+    registry = exporter.serving_registry(settings) if settings else metrics.process_registry()
     body = prometheus_client.generate_latest(registry).decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(body):
@@ -126,17 +126,19 @@ def test_an_unreachable_database_reads_as_down_not_as_an_error(emu: RunningEmula
 
 MULTIPROCESS_SCRIPT = """
 import json, os, sys
-from worker import metrics
+from collections import Counter
+from worker import exporter, metrics
+from worker.counts import SyncCounts
 from worker.settings import Settings
 path = metrics.enable_multiprocess()
 pid = os.fork()
 if pid == 0:  # a pool child: counts into its own file, then exits
-    metrics.record_counts({"checked": 2, "kept": 1, "revoked": 1, "revoked_by_reason": {"invalid_token": 1}})
+    metrics.record_counts(SyncCounts(checked=2, kept=1, revoked=1, reasons=Counter(invalid_token=1)).as_dict())
     metrics.process_exited()
     os._exit(0)
 os.waitpid(pid, 0)
 import prometheus_client
-body = prometheus_client.generate_latest(metrics.serving_registry(Settings.from_env(json.loads(sys.argv[1])))).decode()
+body = prometheus_client.generate_latest(exporter.serving_registry(Settings.from_env(json.loads(sys.argv[1])))).decode()
 files = sorted(p.name for p in path.glob("*.db"))
 metrics.shutdown()
 print(json.dumps({"path": str(path), "body": body, "files": files, "removed": not path.exists()}))

@@ -78,7 +78,7 @@ def test_rows_written_by_another_app_get_defaults(engine: sa.Engine) -> None:
     assert (row.failures, row.uncertain, row.version) == (0, False, 0)
     assert row.active_expires_at == NOW
     for value in (row.created_at, row.updated_at, row.next_check_at):
-        assert value.tzinfo == UTC
+        assert value is not None and value.tzinfo == UTC
         assert abs(value - models.utcnow()) < timedelta(minutes=1)
 
 
@@ -194,7 +194,7 @@ def test_ids_are_not_reused(db_session: orm.Session) -> None:
     assert db_session.scalars(sa.select(LocalSession.id).order_by(LocalSession.id)).all() == [1, 3]
 
 
-def due_sessions(now: datetime) -> sa.Select[tuple[int]]:
+def due_sessions(now: datetime) -> sa.Select[int]:
     """The due scan as the sync engine runs it."""
     return (
         sa.select(LocalSession.id)
@@ -204,7 +204,7 @@ def due_sessions(now: datetime) -> sa.Select[tuple[int]]:
     )
 
 
-def due_events(now: datetime) -> sa.Select[tuple[int]]:
+def due_events(now: datetime) -> sa.Select[int]:
     """The outbox's due scan."""
     return (
         sa.select(LogoutEvent.id)

@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from tests.conftest import RunningEmulator, verdict_codes
-from tests.helpers import KEY, active_token, login, requests, row
-from worker import cli_outbox, errors, kick, models, operations, outbox, runtime, sessions, wire
+from tests.helpers import active_token, env_for, login, requests, row
+from worker import cli_outbox, errors, kick, models, operations, runtime, sessions, wire
 from worker import outbox_queries as oq
+from worker.counts import LogoutCounts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,7 +61,7 @@ def verdict(rt: runtime.Runtime, token: str) -> wire.Verdict:
     return rt.run(rt.client.check_token(token)).verdict
 
 
-def deliver(rt: runtime.Runtime) -> outbox.Counts:
+def deliver(rt: runtime.Runtime) -> LogoutCounts:
     return rt.run(rt.delivery.drain())
 
 
@@ -481,14 +482,7 @@ def test_automatic_kick_needs_a_broker() -> None:
 
 def test_operator_commands(make_runtime: Any, emu: RunningEmulator, db_url: str) -> None:
     rt = make_runtime(SESSION_SYNC_HTTP_RETRIES="0", SESSION_SYNC_OUTBOX_MAX_ATTEMPTS="1")
-    env = {
-        "DATABASE_URL": db_url,
-        "PANGEA_BASE_URL": emu.base_url,
-        "PANGEA_AUTHN_TOKEN": emu.service_token,
-        "SESSION_SYNC_ENCRYPTION_KEYS": KEY,
-        "CELERY_BROKER_URL": "memory://",
-    }
-    cli = CliRunner(env=env)
+    cli = CliRunner(env=env_for(db_url, emu))
     ids = [login(rt, emu, f"m{i}@example.com") for i in range(3)]
     user_id = row(rt, ids[2]).user_id
     tokens = [active_token(rt, i) for i in ids]
@@ -536,3 +530,28 @@ def test_operator_commands(make_runtime: Any, emu: RunningEmulator, db_url: str)
     )
     assert cli.invoke(cli_outbox.outbox, ["--purge-delivered", "soon"]).exit_code == 2
     assert operations.status(rt)["outbox"] == {"pending": 0, "delivered": 0, "dead": 0}
+
+
+def test_a_batch_slower_than_its_lease_keeps_its_events_and_sends_each_once(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    settings = {"SESSION_SYNC_LEASE": "1s", "SESSION_SYNC_CONCURRENCY": "1"}
+    rt = make_runtime(**settings)
+    ids = [login(rt, emu, f"slow{i}@example.com") for i in range(4)]
+    log_out(rt, *ids)
+    # Given a Pangea so slow that one batch of logouts, sent one at a time, outlasts its lease fourfold
+    emu.admin.faults(latency_ms=1200, paths=[CLIENT_LOGOUT])
+    done: list[LogoutCounts] = []
+    sending = threading.Thread(target=lambda: done.append(rt.run(rt.delivery.deliver_batch())))
+    sending.start()
+
+    # When another worker looks for due logouts while the batch is still being sent
+    time.sleep(2.5)
+    other = make_runtime(**settings)
+    taken = other.run(other.delivery.deliver_batch())
+    sending.join(timeout=30)
+
+    # Then it finds none (the first worker renewed its lease), and each logout went out once
+    assert taken.claimed == 0
+    assert (done[0].claimed, done[0].delivered, done[0].already) == (4, 4, 0)
+    assert emu.admin.stats()["requests"][CLIENT_LOGOUT] == {"200": 4}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningEmulator
-from tests.helpers import active_token, login, row
+from tests.helpers import active_token, login, moved_clock, row
 from worker import models, push, runtime, sessions, wire
 from worker.emulator import store
 
@@ -40,6 +40,7 @@ def test_the_same_outcomes_under_every_rotation_rule_and_kind_of_active_token(
 ) -> None:
     emu.admin.config(rotation=rotation, active_tokens=active_tokens)
     rt = make_runtime(SESSION_SYNC_REFRESH_MARGIN="10s")
+    clock = moved_clock(rt)
     # Given four users logged in
     killed, refreshed, pushed = (
         login(rt, emu, "kill@example.com"),
@@ -62,7 +63,7 @@ def test_the_same_outcomes_under_every_rotation_rule_and_kind_of_active_token(
 
     # When one is ended at Pangea by its id and another's active token nears its end
     rt.run(rt.client.session_invalidate(truth[killed] or ""))
-    time.sleep(3.9)  # the margin is at most half of 6 s, less up to 25 % jitter: due by 3.75 s
+    clock.advance(3.9)  # the margin is at most half of 6 s, less up to 25 % jitter: due by 3.75 s
     counts = rt.run(rt.engine.resync())
     # Then the first is revoked, the second refreshed, and the session id still is Pangea's
     assert row(rt, killed).state is models.SessionState.REVOKED and row(rt, killed).end_reason == "invalid_token"

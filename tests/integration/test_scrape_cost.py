@@ -1,7 +1,7 @@
 """What a scrape of ``/metrics`` costs the database, with three workers serving it.
 
 Each worker here is what a worker's ``/metrics`` server holds (a registry with its own
-:class:`~worker.metrics.StatusCollector`), on one PostgreSQL database and one Redis broker, the way
+:class:`~worker.exporter.StatusCollector`), on one PostgreSQL database and one Redis broker, the way
 three worker processes share them. Statements are counted with SQLAlchemy's ``before_cursor_execute``
 event on every engine of this process. The clock the cache keeps time with is a seam: no test sleeps.
 The figures are in ``docs/benchmarks.md`` ("Scrape cost"); ``-s`` prints them.
@@ -25,14 +25,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from tests.conftest import RunningEmulator, free_port
 from tests.helpers import login, settings_for
-from worker import metrics, runtime
+from worker import exporter, runtime
 from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
 WORKERS = 3
 #: Workers' /metrics: each a registry and the collector (with its own cache) it holds.
-Fleet = list[tuple[CollectorRegistry, metrics.StatusCollector]]
+Fleet = list[tuple[CollectorRegistry, exporter.StatusCollector]]
 
 
 class Clock:
@@ -64,7 +64,7 @@ def fleet(settings: Settings, clock: Clock, n: int = WORKERS) -> Fleet:
     """``n`` workers' /metrics: each its own registry and collector (its own cache), as in its own process."""
     out = []
     for _ in range(n):
-        collector = metrics.StatusCollector(settings, clock=clock)
+        collector = exporter.StatusCollector(settings, clock=clock)
         registry = CollectorRegistry()
         registry.register(collector)
         out.append((registry, collector))

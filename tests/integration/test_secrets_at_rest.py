@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
-from tests.helpers import active_token, login, row
+from tests.helpers import active_token, login, moved_clock, row
 from worker import models
 
 
@@ -24,12 +23,13 @@ def every_value(engine: sa.Engine) -> str:
 
 def test_no_plaintext_token_in_any_table(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime()
+    clock = moved_clock(rt)
     # Given logins whose tokens we know, one of them refreshed and one revoked
     ids = [login(rt, emu, f"s{i}@example.com", active_ttl=4) for i in range(3)]
     seen = {active_token(rt, i) for i in ids}
     seen |= {rt.cipher.decrypt(row(rt, i).refresh_token_enc or "") for i in ids}
     rt.run(rt.client.session_invalidate(row(rt, ids[2]).pangea_session_id or ""))
-    time.sleep(2.6)  # inside the refresh margin
+    clock.advance(2.6)  # inside the refresh margin
     counts = rt.run(rt.engine.resync())
     assert counts.refreshed == 2 and counts.revoked == 1
     seen |= {active_token(rt, i) for i in ids[:2]}

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 CIPHER = crypto.TokenCipher([crypto.generate_key()])
-POLICY = sessions.decisions.Policy(refresh_jitter=0.0)  # planned times repeat exactly
+POLICY = sessions.Policy(refresh_jitter=0.0)  # planned times repeat exactly
 
 
 def userinfo(n: int, *, user: str = "pui_ann", life: int = 600, issued: datetime = NOW) -> dict[str, Any]:
@@ -253,8 +253,10 @@ def rows(factory: orm.sessionmaker[orm.Session]) -> dict[str, list[dict[str, Any
                         item[column] = CIPHER.decrypt(item[column])
                 if item.get("handle_hash") is not None:
                     item["handle_hash"] = "set"
+                if "bucket" in item:  # drawn at random on insert, by either path
+                    assert 0 <= item.pop("bucket") < models.BUCKETS
                 found.append(item)
-            out[str(table.name)] = found
+            out[model.__tablename__] = found
     return out
 
 

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 
 from worker import db as dbmod
 from worker import sweeps
+from worker.counts import SyncCounts
 
 
 def test_second_sweep_in_a_slot_is_a_duplicate(engine: sa.Engine) -> None:
@@ -21,8 +22,8 @@ def test_second_sweep_in_a_slot_is_a_duplicate(engine: sa.Engine) -> None:
         assert sweeps.claim_slot(db, slot=slot, now=now + timedelta(seconds=1)) is False
     with factory.begin() as db:
         assert sweeps.claim_slot(db, slot=slot + timedelta(seconds=15), now=now) is True
-        sweeps.add_counts(db, slot=slot, counts={"checked": 3, "revoked": 1}, now=now)
-        sweeps.add_counts(db, slot=slot, counts={"checked": 2, "stopped": True}, now=now)
+        sweeps.add_counts(db, slot=slot, counts=SyncCounts(checked=3, revoked=1).as_dict(), now=now)
+        sweeps.add_counts(db, slot=slot, counts=SyncCounts(checked=2, stopped=True).as_dict(), now=now)
     with factory() as db:
         last = sweeps.last_sweep(db)
         assert last is not None and last["slot"] == (slot + timedelta(seconds=15)).isoformat()

@@ -143,3 +143,36 @@ def test_a_user_logout_at_the_wrong_project_is_not_taken_for_a_delivery(
     assert requests(emu, USER_LOGOUT) == 0
     with rt.sessions() as db:
         assert guard.is_tripped(db)
+
+
+def test_a_login_after_a_user_logout_was_asked_for_outlives_its_late_delivery(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    rt = make_runtime()
+    # Given Joe on three devices, logged out everywhere while Pangea was out of reach (queued)
+    joe, kim, joe_id = joe_and_kim(rt, emu)
+    pangea_ids = [row(rt, sid).pangea_session_id or "" for sid in [*joe, kim]]
+    with rt.sessions.begin() as db:
+        sessions.logout_user(db, joe_id, kick=False)
+    # ... who logs in again on one of them before the logout reaches Pangea
+    again = login(rt, emu, "joe@example.com")
+
+    # When the logout is delivered
+    counts = rt.run(rt.delivery.drain())
+
+    # Then the three sessions it was asked for are ended at Pangea, the new login is not, nor is Kim's
+    assert (counts.delivered, counts.already, counts.held) == (1, 0, 0)
+    journal = emu.admin.ended([*pangea_ids, row(rt, again).pangea_session_id or ""])
+    assert sorted(journal) == sorted(pangea_ids[:3])
+    assert verdict(emu, rt, active_token(rt, again)) is wire.Verdict.VALID
+    # ... and the worker keeps the new login: Pangea still vouches for it
+    assert rt.run(rt.engine.drain()).revoked == 0
+    assert row(rt, again).state is models.SessionState.ACTIVE and row(rt, kim).state is models.SessionState.ACTIVE
+
+    # And with no login since, a user-wide logout is still the one call that ends the user everywhere
+    with rt.sessions.begin() as db:
+        sessions.logout_user(db, joe_id, kick=False)
+    assert rt.run(rt.delivery.drain()).delivered == 1
+    assert emu.admin.ended([row(rt, again).pangea_session_id or ""])[row(rt, again).pangea_session_id or ""]["how"] == (
+        "session/logout"
+    )

@@ -23,6 +23,7 @@ EXPECTED_INDEXES = {
         ("ix_sessions_handle_hash", ("handle_hash",), True),
         ("ix_sessions_previous_token_hash", ("previous_token_hash",), False),
         ("ix_sessions_next_check_at", ("next_check_at",), False),
+        ("ix_sessions_bucket_id", ("bucket", "id"), False),
     },
     "logout_outbox": {
         ("ix_logout_outbox_session_id", ("session_id",), False),
@@ -34,9 +35,10 @@ EXPECTED_INDEXES = {
     },
     "sweep_runs": set(),
     "revocation_guard": set(),
+    "check_groups": set(),
 }
 EXPECTED_CHECKS = {
-    "sessions": {"ck_sessions_state", "ck_sessions_ended"},
+    "sessions": {"ck_sessions_state", "ck_sessions_ended", "ck_sessions_bucket"},
     "logout_outbox": {
         "ck_logout_outbox_kind",
         "ck_logout_outbox_state",
@@ -46,10 +48,12 @@ EXPECTED_CHECKS = {
     "session_events": set(),
     "sweep_runs": set(),
     "revocation_guard": set(),
+    "check_groups": {"ck_check_groups_range", "ck_check_groups_cursor"},
 }
 #: The partial indexes and their predicates (as each dialect reflects them).
 PARTIAL_INDEXES = {
     ("sessions", "ix_sessions_next_check_at"): "active",
+    ("sessions", "ix_sessions_bucket_id"): "active",
     ("logout_outbox", "ix_logout_outbox_next_attempt_at"): "pending",
 }
 
@@ -101,6 +105,8 @@ def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
         "session_events",
         "sweep_runs",
         "revocation_guard",
+        "rate_limit_buckets",
+        "check_groups",
     }
 
 
@@ -133,9 +139,9 @@ def test_names_follow_the_convention(empty_url: str) -> None:
             assert found == expected
             # ... and the due indexes are partial
             for index in indexes:
-                if (table, index["name"]) in PARTIAL_INDEXES:
+                if (table, str(index["name"])) in PARTIAL_INDEXES:
                     where = index.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
-                    assert where is not None and f"'{PARTIAL_INDEXES[table, index['name']]}'" in str(where)
+                    assert where is not None and f"'{PARTIAL_INDEXES[table, str(index['name'])]}'" in str(where)
             # ... and so has every CHECK constraint
             assert {ck["name"] for ck in inspector.get_check_constraints(table)} == EXPECTED_CHECKS[table]
 

@@ -125,6 +125,8 @@ BAD_KEY = "c2VjcmV0LXNlY3JldC1zZWNyZXQ="  # base64, but of 21 bytes
         (NEW_KEY[:-2], "key 1 of 1"),
         (" ", "empty"),
     ],
+    # named, not shown: the keys are random, and every xdist worker must collect the same test ids
+    ids=["bad", "new,bad", "new,,old", "new,", "new-cut-short", "blank"],
 )
 def test_bad_keys_name_the_variable_and_position_but_not_the_key(value: str, position: str) -> None:
     # Settings refuse them as soon as they are read, before any cipher is built

@@ -13,6 +13,7 @@ from worker.settings import BROKER_SCHEMES, DEFAULT_QUEUE, Settings, parse_durat
 
 TOKEN = "pts_" + "b" * 32
 BASE = {"PANGEA_BASE_URL": "https://authn.example.com"}
+PG = "postgresql://app@db.example/app"
 
 
 def test_secrets_come_from_files_as_docker_and_kubernetes_mount_them(tmp_path: Path) -> None:
@@ -89,6 +90,20 @@ def test_our_queue_is_not_celerys_default() -> None:
         ),
         (
             {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "SESSION_SYNC_RATE_LIMIT_STORE": "local"},
+            ratelimit.LocalRateLimiter,
+        ),
+        # RabbitMQ and PostgreSQL, no Redis: the database every worker shares holds the bucket
+        ({"CELERY_BROKER_URL": "amqp://guest@127.0.0.1//", "DATABASE_URL": PG}, ratelimit.DatabaseRateLimiter),
+        (
+            {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "SESSION_SYNC_RATE_LIMIT_STORE": "database"},
+            ratelimit.DatabaseRateLimiter,
+        ),
+        (
+            {
+                "CELERY_BROKER_URL": "amqp://guest@127.0.0.1//",
+                "DATABASE_URL": PG,
+                "SESSION_SYNC_RATE_LIMIT_STORE": "local",
+            },
             ratelimit.LocalRateLimiter,
         ),
     ],

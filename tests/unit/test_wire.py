@@ -59,7 +59,7 @@ def test_rejects_what_is_not_pangeas_envelope(body: bytes, problem: str) -> None
 def test_token_info_keeps_nanosecond_timestamps_and_hides_the_secret() -> None:
     info = wire.TokenInfo.from_wire(TOKEN, where="result")
     assert info.expire.microsecond == 123456 and info.expire.tzinfo is not None
-    assert TOKEN["token"] not in repr(info)
+    assert str(TOKEN["token"]) not in repr(info)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +124,49 @@ def test_creds_round_trip_through_the_userinfo_envelope() -> None:
     envelope = creds.to_userinfo()
     assert envelope["status"] == "Success"
     assert wire.SessionCreds.from_wire(envelope["result"], request_id="prq_x") == creds
+
+
+# A session list takes a fast path (one pass of type tests, objects built through their slots) and
+# falls back to the checked one, field by field, for anything it does not accept. Both must agree.
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.sampled_from(["", "pmt_x", "2026-11-29T10:00:00.123456789Z", "2026-11-28T10:00:00", "not a time"]),
+    st.lists(st.sampled_from(["a", 1]), max_size=2),
+    st.dictionaries(st.sampled_from(["k", "first_name"]), st.sampled_from(["v", 2]), max_size=2),
+)
+_token_like = st.fixed_dictionaries(
+    {},
+    optional={k: _values for k in ("id", "type", "identity", "email", "expire", "life", "created_at", "profile")}
+    | {"scopes": _values, "token": _values},
+)
+
+
+def _both(cls: type[wire.TokenInfo] | type[wire.SessionItem], data: object) -> tuple[object, object]:
+    """What ``cls.from_wire`` and the checked path make of ``data`` (an error as its type)."""
+    results: list[object] = []
+    for parse in (lambda: cls.from_wire(data, where="result"), lambda: cls._checked(data, "result")):
+        try:
+            results.append(parse())
+        except errors.AuthnProtocolError as exc:
+            results.append(type(exc))
+    return results[0], results[1]
+
+
+@given(st.one_of(_token_like, st.just(TOKEN), st.builds(lambda extra: TOKEN | extra, _token_like)))
+def test_the_fast_token_parser_agrees_with_the_checked_one(data: dict[str, object]) -> None:
+    fast, checked = _both(wire.TokenInfo, data)
+    assert fast == checked
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={k: _values for k in ("id", "identity", "email", "expire", "created_at")}
+        | {"active_token": st.one_of(st.none(), st.just(TOKEN), _token_like)},
+    )
+)
+def test_the_fast_session_parser_agrees_with_the_checked_one(data: dict[str, object]) -> None:
+    fast, checked = _both(wire.SessionItem, data)
+    assert fast == checked

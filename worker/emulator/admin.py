@@ -34,10 +34,29 @@ class EmulatorAdmin:
         return str(self._call("POST", "/emulator/login", body)["code"])
 
     def seed(
-        self, count: int, *, start: int = 0, active_ttl: float = 3600, refresh_ttl: float = 86400, key: str = "bench"
+        self,
+        count: int,
+        *,
+        start: int = 0,
+        active_ttl: float = 3600,
+        refresh_ttl: float = 86400,
+        key: str = "bench",
+        created_at: float | None = None,
     ) -> dict[str, Any]:
-        """Create sessions ``start`` … ``start + count - 1`` at once; their secrets are ``store.seeded(i, key=key)``."""
-        body = {"count": count, "start": start, "active_ttl": active_ttl, "refresh_ttl": refresh_ttl, "key": key}
+        """Create sessions ``start`` … ``start + count - 1`` at once; their secrets are ``store.seeded(i, key=key)``.
+
+        ``created_at`` (epoch seconds, default now) is when their tokens were minted: a benchmark that
+        seeds its own database with the same times finds every expiry unchanged.
+        """
+        body: dict[str, Any] = {
+            "count": count,
+            "start": start,
+            "active_ttl": active_ttl,
+            "refresh_ttl": refresh_ttl,
+            "key": key,
+        }
+        if created_at is not None:
+            body["created_at"] = created_at
         return dict(self._call("POST", "/emulator/seed", body))
 
     def faults(self, **faults: Any) -> None:
@@ -57,6 +76,10 @@ class EmulatorAdmin:
         if not rules:
             return dict(self._call("GET", "/emulator/config"))
         return dict(self._call("POST", "/emulator/config", rules))
+
+    def ended(self, session_ids: list[str]) -> dict[str, dict[str, str]]:
+        """How each named session ended (``session/invalidate``, ``client/session/logout``, ``expired``...), when."""
+        return dict(self._call("POST", "/emulator/ended", {"session_ids": session_ids}))
 
     def reset(self) -> None:
         """Forget every session, code, counter and fault."""

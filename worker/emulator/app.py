@@ -8,9 +8,10 @@ the endpoint. Any answer from an endpoint is counted in the stats, faulted ones 
 
 Admin surface (no auth; faults never apply): ``POST /emulator/login``, ``POST /emulator/seed``
 (bulk sessions for benchmarks, ids from ``store.seeded``), ``POST /emulator/faults``,
-``GET /emulator/faults``, ``GET /emulator/stats``, ``POST /emulator/reset``, ``POST|GET
-/emulator/config`` (the rotation rule and the kind of active token, see ``store``). Its errors are plain
-``{"error": "..."}`` bodies with HTTP 400 or 404.
+``GET /emulator/faults``, ``GET /emulator/stats``, ``POST /emulator/ended`` (how and when the named
+sessions ended), ``POST /emulator/reset``, ``POST|GET /emulator/config`` (the rotation rule and the
+kind of active token, see ``store``). Its errors are plain ``{"error": "..."}`` bodies with HTTP 400
+or 404.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Emulator:
             ("POST", "/emulator/reset"): self._reset,
             ("POST", "/emulator/config"): self._configure,
             ("GET", "/emulator/config"): lambda _: (200, self._config()),
+            ("POST", "/emulator/ended"): self._ended,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -232,10 +234,10 @@ class Emulator:
 
     def _seed(self, raw: bytes) -> tuple[int, Any]:
         try:
-            count, start, active_ttl, refresh_ttl, key = _seed_fields(_json(raw))
-            self.ctx.store.seed(
-                count, start=start, active_ttl=active_ttl, refresh_ttl=refresh_ttl, now=time.time(), key=key
-            )
+            body = _json(raw)
+            count, start, active_ttl, refresh_ttl, key = _seed_fields(body)
+            now = _seed_time(body, time.time())
+            self.ctx.store.seed(count, start=start, active_ttl=active_ttl, refresh_ttl=refresh_ttl, now=now, key=key)
         except ValueError as exc:
             return 400, {"error": str(exc)}
         return 200, {"seeded": count, "start": start, "key": key, "sessions": len(self.ctx.store.sessions)}
@@ -266,6 +268,15 @@ class Emulator:
         except (TypeError, ValueError) as exc:
             return 400, {"error": str(exc)}
         return 200, self._config()
+
+    def _ended(self, raw: bytes) -> tuple[int, Any]:
+        """How and when the sessions named ended: ``{"session_ids": [...]}`` -> ``{id: {"how", "at"}}``."""
+        body = _json(raw)
+        ids = body.get("session_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return 400, {"error": "expected an object with session_ids, a list of strings"}
+        ended = self.ctx.store.ended
+        return 200, {i: {"how": ended[i][0], "at": wire.isotime(ended[i][1])} for i in ids if i in ended}
 
     def _reset(self, raw: bytes) -> tuple[int, Any]:
         self.ctx.store.configure(**self._defaults)
@@ -337,8 +348,8 @@ MAX_SEED = 1_000_000
 
 
 def _seed_fields(body: Any) -> tuple[int, int, float, float, str]:
-    if not isinstance(body, dict) or set(body) - {"count", "start", "active_ttl", "refresh_ttl", "key"}:
-        raise ValueError("expected an object with count and optionally start, active_ttl, refresh_ttl, key")
+    if not isinstance(body, dict) or set(body) - {"count", "start", "active_ttl", "refresh_ttl", "key", "created_at"}:
+        raise ValueError("expected an object with count and optionally start, active_ttl, refresh_ttl, key, created_at")
     count, start = body.get("count"), body.get("start", 0)
     if not (isinstance(count, int) and isinstance(start, int)) or isinstance(count, bool) or isinstance(start, bool):
         raise ValueError(f"count must be an integer from 1 to {MAX_SEED}, start an integer from 0")
@@ -351,6 +362,18 @@ def _seed_fields(body: Any) -> tuple[int, int, float, float, str]:
     if not isinstance(key, str) or not key:
         raise ValueError("key must be a non-empty string")
     return count, start, float(ttls[0]), float(ttls[1]), key
+
+
+def _seed_time(body: dict[str, Any], now: float) -> float:
+    """``created_at`` (epoch seconds, within a day of ``now``) or ``now``.
+
+    A benchmark seeds its database with the same times, so a check that finds nothing changed
+    (same expiry to the microsecond) is what it measures.
+    """
+    at = body.get("created_at", now)
+    if not isinstance(at, int | float) or isinstance(at, bool) or not abs(at - now) <= 86400:
+        raise ValueError("created_at must be epoch seconds within a day of the emulator's clock")
+    return float(at)
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -95,7 +95,9 @@ def session_refresh(ctx: Context, body: dict[str, Any], now: float) -> wire.Answ
 
 def client_logout(ctx: Context, body: dict[str, Any], now: float) -> wire.Answer:
     """/v2/client/session/logout: end the session of a live active token."""
-    ctx.store.end(_user_token(ctx, body["token"], now).session)
+    token = _user_token(ctx, body["token"], now)
+    how = "client/session/logout" + ("" if token is token.session.active else " (a replaced active token)")
+    ctx.store.end(token.session, how=how, now=now)
     return wire.success("Logged out the current user login session", {})
 
 
@@ -114,7 +116,7 @@ def client_session_invalidate(ctx: Context, body: dict[str, Any], now: float) ->
     session = ctx.store.session(body["session_id"], now)
     if session.identity != mine.identity:
         raise store.Rejected(store.INVALID)
-    ctx.store.end(session)
+    ctx.store.end(session, how="client/session/invalidate", now=now)
     return wire.success("Session invalidated", {})
 
 
@@ -132,13 +134,13 @@ def session_list(ctx: Context, body: dict[str, Any], now: float) -> wire.Answer:
 
 def session_logout(ctx: Context, body: dict[str, Any], now: float) -> wire.Answer:
     """/v2/session/logout: end every session of a user (Success even if there is none)."""
-    ctx.store.logout_user(body["user_id"])
+    ctx.store.logout_user(body["user_id"], now)
     return wire.success("Logged out all sessions of the user", {})
 
 
 def session_invalidate(ctx: Context, body: dict[str, Any], now: float) -> wire.Answer:
     """/v2/session/invalidate: end one session by id."""
-    ctx.store.end(ctx.store.session(body["session_id"], now))
+    ctx.store.end(ctx.store.session(body["session_id"], now), how="session/invalidate", now=now)
     return wire.success("Session invalidated", {})
 
 

@@ -65,8 +65,13 @@ class BadCursor(ValueError):
 
 
 def micros(t: float) -> int:
-    """Epoch seconds as whole microseconds, exactly as ``wire.isotime`` shows them."""
-    return (datetime.fromtimestamp(t, UTC) - _EPOCH) // _MICROSECOND
+    """Epoch seconds (from 0 on) as whole microseconds, exactly as ``wire.isotime`` shows them.
+
+    ``datetime.fromtimestamp`` rounds the same way (whole seconds, then the fraction times 10⁶
+    rounded half to even), without building a datetime and a timedelta for every session listed.
+    """
+    whole = int(t)
+    return whole * 1_000_000 + round((t - whole) * 1e6)
 
 
 def parse_micros(text: str) -> int:

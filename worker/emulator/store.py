@@ -186,6 +186,9 @@ class Store:
         #: Refresh tokens spent by a rotation, and how often one was presented again (must stay 0).
         self.spent: set[str] = set()
         self.refresh_reused = 0
+        #: How and when each ended session ended (``session id -> (how, time)``): what a soak that
+        #: finds a session gone asks, to tell who ended it.
+        self.ended: dict[str, tuple[str, float]] = {}
 
     # --- login ---------------------------------------------------------------------------------
 
@@ -298,8 +301,9 @@ class Store:
             raise Rejected(EXPIRED)
         return session
 
-    def end(self, session: Session) -> None:
-        """End a session: forget it and every one of its tokens."""
+    def end(self, session: Session, *, how: str, now: float) -> None:
+        """End a session: forget it and every one of its tokens (``how`` and ``now`` are journaled)."""
+        self.ended[session.id] = (how, now)
         for token in session.tokens():
             self.by_secret.pop(token.secret, None)
         self.by_active_id.pop(session.active.id, None)
@@ -310,11 +314,11 @@ class Store:
             if not mine:
                 del self.by_user[session.identity]
 
-    def logout_user(self, identity: str) -> int:
+    def logout_user(self, identity: str, now: float) -> int:
         """End every session of a user; how many there were (0 is fine: idempotent)."""
         mine = list(self.by_user.get(identity, {}).values())
         for session in mine:
-            self.end(session)
+            self.end(session, how="session/logout", now=now)
         return len(mine)
 
     def purge(self, now: float) -> None:
@@ -327,7 +331,7 @@ class Store:
             _, session_id = heapq.heappop(heap)
             session = self.sessions.get(session_id)
             if session is not None and session.refresh.expire + GRACE <= now:
-                self.end(session)
+                self.end(session, how="expired", now=now)
 
     # --- minting -------------------------------------------------------------------------------
 

@@ -95,12 +95,12 @@ def life(expire: float, now: float) -> int:
 def token_object(token: store.Token, now: float, *, secret: bool) -> dict[str, Any]:
     """``authn-token-info-creds`` (with the secret) or ``authn-token-info-nocreds`` (without)."""
     session = token.session
-    obj: dict[str, Any] = {"token": token.secret} if secret else {}
-    obj |= {
+    expire = token.expire
+    obj: dict[str, Any] = {
         "id": token.id,
         "type": token.type,
-        "life": life(token.expire, now),
-        "expire": token_time(token.expire),
+        "life": max(1, math.ceil(expire - now)),  # life(), inline: a session list makes one per session
+        "expire": token_time(expire),
         "enabled": True,
         "identity": session.identity,
         "email": session.email,
@@ -108,7 +108,7 @@ def token_object(token: store.Token, now: float, *, secret: bool) -> dict[str, A
         "profile": session.profile,
         "created_at": token_time(token.created_at),
     }
-    return obj
+    return {"token": token.secret} | obj if secret else obj
 
 
 def creds(session: store.Session, now: float) -> dict[str, Any]:
@@ -121,11 +121,12 @@ def creds(session: store.Session, now: float) -> dict[str, Any]:
 
 def session_item(session: store.Session, now: float) -> dict[str, Any]:
     """``authn-session-info-nocreds``: a session in a list, with its current active token (no secrets)."""
+    expire = session.refresh.expire
     return {
         "id": session.id,
         "type": "session",
-        "life": life(session.refresh.expire, now),
-        "expire": token_time(session.refresh.expire),
+        "life": max(1, math.ceil(expire - now)),
+        "expire": token_time(expire),
         "identity": session.identity,
         "email": session.email,
         "scopes": [],

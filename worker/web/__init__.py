@@ -32,6 +32,19 @@ from sqlalchemy import orm
 from worker import crypto, errors, sessions
 from worker.settings import Settings
 
+__all__ = [
+    "COOKIE_SETTING",
+    "DEFAULT_COOKIE",
+    "REALM_SETTING",
+    "SCOPE_KEY",
+    "TOKEN_HEADER",
+    "Guard",
+    "RequestAuth",
+    "SessionFactory",
+    "bearer_token",
+    "settings_from",
+]
+
 #: Cookie holding the opaque session handle (server-side style).
 DEFAULT_COOKIE = "session"
 #: Response header handing the new active token to a Bearer client after a worker refresh.

@@ -10,6 +10,12 @@ from typing import Any
 from worker import errors
 from worker.web import TOKEN_HEADER, Guard
 
+__all__ = [
+    "SessionSyncMiddleware",
+    "request_credentials",
+    "with_token_header",
+]
+
 _Scope = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]

@@ -34,6 +34,26 @@ from worker import kick as kick_mod
 from worker.settings import Settings
 from worker.web import COOKIE_SETTING, REALM_SETTING, TOKEN_HEADER, Guard, RequestAuth, settings_from
 
+__all__ = [
+    "DATABASE_SETTING",
+    "REQUEST_ATTRIBUTE",
+    "SessionRequiredMixin",
+    "SessionSyncMiddleware",
+    "SessionUser",
+    "database_alias",
+    "engine",
+    "guard",
+    "hand_back_token",
+    "logout",
+    "logout_user",
+    "orm_session",
+    "record_login",
+    "refused",
+    "request_auth",
+    "session_required",
+    "worker_settings",
+]
+
 #: Django setting naming the database alias that holds session-sync's tables.
 DATABASE_SETTING = "SESSION_SYNC_DATABASE"
 #: The attribute the middleware sets on each request: a :class:`worker.web.RequestAuth`.

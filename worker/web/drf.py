@@ -18,6 +18,10 @@ from rest_framework import authentication, exceptions
 from worker import sessions
 from worker.web import django as glue
 
+__all__ = [
+    "SessionSyncAuthentication",
+]
+
 _CHALLENGE = "_session_sync_challenge"
 
 

@@ -9,6 +9,10 @@ import fastapi
 from worker import errors, sessions
 from worker.web import SCOPE_KEY, TOKEN_HEADER, Guard, RequestAuth
 
+__all__ = [
+    "dependency",
+]
+
 
 def dependency(guard: Guard) -> Callable[..., sessions.Authenticated]:
     """A FastAPI dependency: 401 with the RFC 6750 challenge, else the live session (rotated token handed back).

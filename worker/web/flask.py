@@ -29,6 +29,13 @@ from worker import crypto, db, decisions, errors, models, sessions
 from worker.settings import Settings
 from worker.web import COOKIE_SETTING, REALM_SETTING, TOKEN_HEADER, Guard, RequestAuth, settings_from
 
+__all__ = [
+    "EXTENSION",
+    "SessionSync",
+    "State",
+    "login_required",
+]
+
 #: The key in ``app.extensions``.
 EXTENSION = "session_sync"
 

@@ -26,6 +26,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from worker import sessions
 from worker.web import SCOPE_KEY, Guard, RequestAuth, asgi
 
+__all__ = [
+    "AUTHENTICATED",
+    "RotatedTokenMiddleware",
+    "SessionCredentials",
+    "SessionSyncBackend",
+    "SessionUser",
+    "exception_handlers",
+    "middleware",
+]
+
 #: The scope a live session grants (``@requires("authenticated")``).
 AUTHENTICATED = "authenticated"
 
