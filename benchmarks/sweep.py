@@ -1,15 +1,30 @@
-"""One benchmark run: seed N sessions, run one full sweep in this process, print what it cost as JSON.
+"""One benchmark run: seed N sessions, run ``session-sync sweep --once`` as a process, print what it cost as JSON.
 
-    python -m benchmarks.sweep --sessions 10000 --path bulk
+    python -m benchmarks.sweep --sessions 100000 --path bulk
+    python -m benchmarks.sweep --sessions 100000 --path bulk --refreshing 0.01
     python -m benchmarks.sweep --sessions 1000 --path baseline
+    python -m benchmarks.sweep --sessions 100000 --path bulk --profile /tmp/prof   # py-spy, both processes
 
 Paths: ``bulk`` (``/v2/session/list`` per batch, service token), ``per_token``
-(``/v2/client/token/check`` per session, client token), ``refresh`` (every session inside its refresh
-margin: ``/v2/client/session/refresh`` per session) and ``baseline`` (what a user writes by hand: the
-official ``pangea-sdk``'s ``token_endpoints.check`` per session and one UPDATE + COMMIT per row).
+(``/v2/client/token/check`` per session, client token, ``SESSION_SYNC_REVALIDATION=per_token``),
+``refresh`` (the bulk settings with every session inside its refresh margin:
+``/v2/client/session/refresh`` per session) and ``baseline`` (what a user writes by hand:
+:mod:`benchmarks.baseline`, the official ``pangea-sdk`` per session and one ``UPDATE`` + ``COMMIT`` per row).
+``--refreshing F`` puts the first F of the sessions inside their refresh margin (the rest are routine).
 
-The database (a fresh PostgreSQL database, migrated, filled by COPY) is prepared in a child process and
-the emulator runs in its own process, so this process's CPU time and peak RSS are the sweep's alone.
+Every run starts its own PostgreSQL cluster (:mod:`benchmarks.pgcluster`) and its own emulator process,
+seeds both with the same sessions and the same expiry times (a routine check finds nothing changed),
+then measures the sweep process and only it:
+
+- the WAL it caused: ``pg_current_wal_lsn()`` before and after (``pg_wal_lsn_diff``), right after a
+  ``CHECKPOINT`` so the full-page images of the pages it touches first are counted every time;
+- the rows it wrote: ``n_tup_ins + n_tup_upd + n_tup_del`` per table from ``pg_stat_user_tables``,
+  read once the sweep's backends have exited (they flush their statistics as they go);
+- its statements: ``pg_stat_statements`` (calls, rows and WAL bytes per statement);
+- CPU seconds of the sweep process (``wait4`` rusage: it and its children), of the emulator and of
+  every PostgreSQL process (``/proc/<pid>/stat``, exited backends through the postmaster's
+  ``cutime``), and the sweep process's peak RSS (``ru_maxrss`` of ``wait4``);
+- wall time of the whole process (start-up included) and of the sweep inside it (its ``sweep_runs`` row).
 """
 
 from __future__ import annotations
@@ -17,30 +32,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
-import resource
-import secrets
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
-from benchmarks import seed
+from benchmarks import pgcluster, seed
 from worker import crypto, emulator
 
-#: PostgreSQL server whose databases the benchmark creates and drops.
-DEFAULT_PG = os.environ.get("SESSION_SYNC_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 PATHS = ("bulk", "per_token", "refresh", "baseline")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The statements the benchmark itself sends to read the statistics (left out of the sweep's).
+#: Statements of the batches themselves (connection set-up, type lookups and the sweep record left out).
+_PER_BATCH = re.compile(r"\b(sessions|session_events|logout_outbox)\b")
+_OURS = ("pg_stat", "pg_current_wal_lsn", "pg_wal_lsn_diff", "CHECKPOINT", "pg_backend_pid")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,13 +65,25 @@ class Options:
 
     sessions: int
     path: str
+    refreshing: float
     latency_ms: int
     batch_size: int
     concurrency: int
     batches_in_flight: int
-    pg: str
     port: int
-    keep: bool
+    profile: str | None
+
+    @property
+    def refreshing_count(self) -> int:
+        """How many sessions are seeded inside their refresh margin."""
+        return self.sessions if self.path == "refresh" else round(self.sessions * self.refreshing)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share from 0 to 1")
+    return value
 
 
 def parse(argv: list[str] | None = None) -> Options:
@@ -63,24 +91,26 @@ def parse(argv: list[str] | None = None) -> Options:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n")[0])
     p.add_argument("--sessions", type=int, default=10_000, help="N sessions to seed and sweep")
     p.add_argument("--path", choices=PATHS, default="bulk")
+    p.add_argument("--refreshing", type=_share, default=0.0, help="share of sessions inside their refresh margin")
     p.add_argument("--latency-ms", type=int, default=50, help="emulator latency per request")
     p.add_argument("--batch-size", type=int, default=1000, help="SESSION_SYNC_BATCH_SIZE")
     p.add_argument("--concurrency", type=int, default=128, help="SESSION_SYNC_CONCURRENCY")
     p.add_argument("--batches-in-flight", type=int, default=3, help="SESSION_SYNC_BATCHES_IN_FLIGHT")
-    p.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL admin URL (databases are created on its server)")
     p.add_argument("--port", type=int, default=0, help="emulator port (0: a free one)")
-    p.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    p.add_argument("--profile", metavar="DIR", help="py-spy the sweep and the emulator into DIR (slows them)")
     a = p.parse_args(argv)
+    if a.sessions < 1:
+        p.error("--sessions must be at least 1")
     return Options(
         sessions=a.sessions,
         path=a.path,
+        refreshing=a.refreshing,
         latency_ms=a.latency_ms,
         batch_size=a.batch_size,
         concurrency=a.concurrency,
         batches_in_flight=a.batches_in_flight,
-        pg=a.pg,
         port=a.port,
-        keep=a.keep,
+        profile=a.profile,
     )
 
 
@@ -107,7 +137,7 @@ def running_emulator(port: int) -> Iterator[tuple[str, int]]:
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a loaded machine starts Python slowly
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{base_url}/emulator/stats", timeout=1).status_code == 200:
@@ -128,59 +158,115 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU seconds of every ``postgres`` process on this machine (server on the same host)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-            if "(postgres)" in raw:
-                total += cpu_seconds(int(entry))
-    return total
+# --- the database's share ---------------------------------------------------------------------------
 
 
-def _prepare(pg: str, name: str, keys: list[str], plan: seed.Plan, out: Any) -> None:
-    url = seed.create_database(pg, name)
-    out.send({"url": url, "seconds": seed.seed_database(url, keys, plan)})
+@dataclass(frozen=True, slots=True)
+class DbReading:
+    """The WAL position and the rows written per table, at one moment."""
+
+    lsn: str
+    rows: dict[str, dict[str, int]]
 
 
-def prepare_database(pg: str, name: str, keys: list[str], plan: seed.Plan) -> tuple[str, float]:
-    """Create, migrate and fill the database in a child process (its memory is not ours); URL, seconds."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_prepare, args=(pg, name, keys, plan, send))
-    child.start()
-    result = receive.recv()
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError("seeding the database failed")
-    return str(result["url"]), float(result["seconds"])
+def _quiet(conn: sa.Connection, database: str, timeout: float = 30) -> None:
+    """Wait until no other backend is connected to ``database`` (theirs flush their statistics on exit)."""
+    deadline = time.monotonic() + timeout
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()")
+    while conn.execute(query, {"db": database}).scalar_one() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
-# --- measuring --------------------------------------------------------------------------------------
+def read_db(url: str) -> DbReading:
+    """WAL position and ``pg_stat_user_tables`` counts of the database at ``url``, once others are gone."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            _quiet(conn, str(engine.url.database))
+            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+            rows = {
+                name: {"ins": ins, "upd": upd, "hot_upd": hot, "del": dele}
+                for name, ins, upd, hot, dele in conn.execute(
+                    sa.text(
+                        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables"
+                        " ORDER BY relname"
+                    )
+                )
+            }
+            lsn = str(conn.execute(sa.text("SELECT pg_current_wal_lsn()")).scalar_one())
+            conn.rollback()
+    finally:
+        engine.dispose()
+    return DbReading(lsn=lsn, rows=rows)
 
 
-class StatementCounter:
-    """Counts SQL statements sent to the database (an executemany counts as one), by kind."""
+def _admin(url: str) -> sa.Engine:
+    return sa.create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=sa.NullPool, isolation_level="AUTOCOMMIT"
+    )
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self.kinds: Counter[str] = Counter()
-        sa.event.listen(engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
-        words = statement.split(None, 3)
-        kind = " ".join(words[:3]) if words and words[0] in ("INSERT", "DELETE") else " ".join(words[:2])
-        if "SKIP LOCKED" in statement:
-            kind = "UPDATE sessions (claim)"
-        self.kinds[kind] += 1
+def checkpoint_and_reset(admin_url: str) -> None:
+    """A ``CHECKPOINT`` (every page the sweep touches first costs its full-page image, every run alike)."""
+    engine = _admin(admin_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("CHECKPOINT"))
+            conn.execute(sa.text("SELECT pg_stat_statements_reset()"))
+    finally:
+        engine.dispose()
 
-    @property
-    def total(self) -> int:
-        """Every statement counted."""
-        return sum(self.kinds.values())
+
+def wal_bytes(admin_url: str, before: str, after: str) -> int:
+    """Bytes of WAL between two positions."""
+    engine = _admin(admin_url)
+    try:
+        with engine.connect() as conn:
+            diff = conn.execute(sa.text("SELECT pg_wal_lsn_diff(:a, :b)"), {"a": after, "b": before}).scalar_one()
+    finally:
+        engine.dispose()
+    return int(diff)
+
+
+def statements(admin_url: str, database: str) -> list[dict[str, Any]]:
+    """The sweep's statements from ``pg_stat_statements``: calls, rows and WAL bytes each, most WAL first."""
+    engine = _admin(admin_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                sa.text(
+                    "SELECT s.query, s.calls, s.rows, s.wal_bytes, s.wal_fpi FROM pg_stat_statements s"
+                    " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = :db"
+                    " ORDER BY s.wal_bytes DESC, s.calls DESC"
+                ),
+                {"db": database},
+            ).all()
+    finally:
+        engine.dispose()
+    return [
+        {"query": _short(q), "calls": int(c), "rows": int(r), "wal_bytes": int(w), "wal_fpi": int(f)}
+        for q, c, r, w, f in found
+        if not any(word in q for word in _OURS)
+    ]
+
+
+def _short(query: str) -> str:
+    one = " ".join(query.split())
+    return one if len(one) <= 160 else one[:157] + "..."
+
+
+def rows_written(before: DbReading, after: DbReading) -> dict[str, int]:
+    """Rows inserted + updated + deleted per table between two readings (tables that wrote none left out)."""
+    out = {}
+    for table, now in after.rows.items():
+        then = before.rows.get(table, {"ins": 0, "upd": 0, "del": 0})
+        written = sum(now[k] - then[k] for k in ("ins", "upd", "del"))
+        if written:
+            out[table] = written
+    return out
+
+
+# --- the measured process ---------------------------------------------------------------------------
 
 
 def settings_env(o: Options, db_url: str, base_url: str, key: str) -> dict[str, str]:
@@ -202,123 +288,150 @@ def settings_env(o: Options, db_url: str, base_url: str, key: str) -> dict[str, 
     }
 
 
-def sweep_with_engine(env: dict[str, str]) -> dict[str, Any]:
-    """One full sweep by ``SyncEngine.drain()`` on a runtime built from explicit settings."""
-    from worker import runtime
-    from worker.settings import Settings
+def sweep_command(path: str) -> list[str]:
+    """``session-sync sweep --once --json`` (the installed script beside this interpreter), or the baseline."""
+    if path == "baseline":
+        return [sys.executable, "-m", "benchmarks.baseline"]
+    script = os.path.join(os.path.dirname(sys.executable), "session-sync")
+    if os.path.exists(script):
+        return [script, "sweep", "--once", "--json"]
+    return [sys.executable, "-c", "from worker.cli import main; main()", "sweep", "--once", "--json"]
 
-    rt = runtime.Runtime(Settings.from_env(env))
-    counter = StatementCounter(rt.db_engine)
-    try:
-        rt.engine  # noqa: B018 (build the resources before the clock starts)
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the sweep process printed, how long it ran, and its ``wait4`` rusage."""
+
+    counts: dict[str, Any]
+    wall: float
+    cpu: float
+    max_rss_kb: int
+
+
+def run_sweep(command: list[str], env: dict[str, str], profile: str | None, emu_pid: int) -> Measured:
+    """Run the sweep process to its end; with ``profile``, py-spy it and the emulator meanwhile."""
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if profile:
+        if not os.path.exists(spy):
+            raise SystemExit(f"--profile needs py-spy beside {sys.executable}: pip install py-spy")
+        os.makedirs(profile, exist_ok=True)
+        # --gil: only the thread holding the GIL is sampled, so threads waiting on a queue or a socket
+        # (the database threads, the event loop in select) do not pass for CPU.
+        record = [spy, "record", "--gil", "-r", "250", "-f", "raw"]
+        command = [*record, "-o", f"{profile}/sweep.txt", "--", *command]
+        emu_spy = subprocess.Popen(
+            [*record, "-o", f"{profile}/emulator.txt", "--pid", str(emu_pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        counts = rt.run(rt.engine.drain())
+        proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        printed, said = out.read().decode(), err.read().decode(errors="replace")
+    if profile:
+        emu_spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        emu_spy.wait(timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{said[-4000:]}")
+    # sweep --once --json prints one indented object (py-spy may print after it)
+    counts, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
+    return Measured(counts=counts, wall=wall, cpu=usage.ru_utime + usage.ru_stime, max_rss_kb=int(usage.ru_maxrss))
+
+
+def sweep_seconds(db_url: str) -> float | None:
+    """How long the sweep itself ran (its ``sweep_runs`` row: claimed at the start, counts added at the end)."""
+    engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT started_at, finished_at FROM sweep_runs ORDER BY slot DESC")).first()
     finally:
-        rt.close()
-    return {"wall": wall, "counts": counts.as_dict(), "statements": dict(counter.kinds), "total": counter.total}
-
-
-def sweep_by_hand(db_url: str, base_url: str, key: str) -> dict[str, Any]:
-    """The baseline: the official SDK's token check per session, one UPDATE and COMMIT per row."""
-    from pangea.config import PangeaConfig
-    from pangea.exceptions import PangeaAPIException
-    from pangea.services import AuthN
-
-    from worker import db as dbmod
-
-    authn = AuthN(emulator.DEFAULT_SERVICE_TOKEN, config=PangeaConfig(base_url_template=base_url))
-    cipher = crypto.TokenCipher([key])
-    engine = dbmod.create_engine(db_url)
-    counter = StatementCounter(engine)
-    kept = revoked = 0
-    started = time.perf_counter()
-    with engine.connect() as conn:
-        due = conn.execute(
-            sa.text(
-                "SELECT id, active_token_enc FROM sessions WHERE state = 'active' AND next_check_at <= now()"
-                " ORDER BY next_check_at"
-            )
-        ).all()
-        conn.commit()
-        for session_id, token_enc in due:
-            now = datetime.now(UTC)
-            try:
-                result = authn.client.token_endpoints.check(cipher.decrypt(token_enc)).result
-                assert result is not None
-                conn.execute(
-                    sa.text(
-                        "UPDATE sessions SET last_checked_at = :now, next_check_at = :next, updated_at = :now,"
-                        " active_expires_at = :expire, version = version + 1 WHERE id = :id"
-                    ),
-                    {"now": now, "next": now + timedelta(minutes=5), "expire": result.expire, "id": session_id},
-                )
-                kept += 1
-            except PangeaAPIException as exc:
-                if exc.response.status != "InvalidToken":
-                    raise
-                conn.execute(
-                    sa.text(
-                        "UPDATE sessions SET state = 'revoked', end_reason = 'invalid_token', ended_at = :now,"
-                        " version = version + 1 WHERE id = :id"
-                    ),
-                    {"now": now, "id": session_id},
-                )
-                revoked += 1
-            conn.commit()
-    wall = time.perf_counter() - started
-    engine.dispose()
-    counts = {"checked": kept + revoked, "kept": kept, "revoked": revoked}
-    return {"wall": wall, "counts": counts, "statements": dict(counter.kinds), "total": counter.total}
+        engine.dispose()
+    if row is None or row[1] is None:
+        return None
+    return float((row[1] - row[0]).total_seconds())
 
 
 def run(o: Options) -> dict[str, Any]:
     """Seed, sweep once, measure; the result as a JSON-ready dict."""
     key = crypto.generate_key()
-    name = f"ssbench_{o.path}_{o.sessions}_{secrets.token_hex(3)}"
-    left = timedelta(minutes=1) if o.path == "refresh" else timedelta(minutes=50)
-    plan = seed.Plan(count=o.sessions, active_left=left)
-    db_url, db_seconds = prepare_database(o.pg, name, [key], plan)
-    try:
+    name = "ssbench"
+    left = timedelta(minutes=50)
+    plan = seed.Plan(count=o.sessions, active_left=left, refreshing=o.refreshing_count)
+    with pgcluster.private_cluster() as pg:
+        db_url = seed.create_database(pg.url, name)
+        db_seconds = seed.seed_database(db_url, [key], plan)
         with running_emulator(o.port) as (base_url, emu_pid):
             admin = emulator.EmulatorAdmin(base_url, timeout=300)
             emu_seconds = seed.seed_emulator(admin, plan)
             admin.faults(latency_ms=o.latency_ms)
             env = settings_env(o, db_url, base_url, key)
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            usage0, emu0, pg0 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(emu_pid), postgres_cpu_seconds()
-            measured = sweep_by_hand(db_url, base_url, key) if o.path == "baseline" else sweep_with_engine(env)
-            usage1, emu1, pg1 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(emu_pid), postgres_cpu_seconds()
+            checkpoint_and_reset(pg.url)
+            before = read_db(db_url)
+            emu0, pg0 = cpu_seconds(emu_pid), pg.cpu_seconds()
+            measured = run_sweep(sweep_command(o.path), env, o.profile, emu_pid)
+            after = read_db(db_url)
+            emu1, pg1 = cpu_seconds(emu_pid), pg.cpu_seconds()
             stats = admin.stats()["requests"]
             admin.close()
-    finally:
-        if not o.keep:
-            seed.drop_database(o.pg, name)
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    wall = measured["wall"]
+        wal = wal_bytes(pg.url, before.lsn, after.lsn)
+        sql = statements(pg.url, name)
+        inner = sweep_seconds(db_url) if o.path != "baseline" else None
+        settings = pg.settings
+    return _result(o, plan, measured, inner, wal, rows_written(before, after), sql, stats, env, settings) | {
+        "emulator_cpu_s": round(emu1 - emu0, 3),
+        "postgres_cpu_s": round(pg1 - pg0, 3),
+        "seed_db_s": round(db_seconds, 1),
+        "seed_emulator_s": round(emu_seconds, 1),
+    }
+
+
+def _result(
+    o: Options,
+    plan: seed.Plan,
+    m: Measured,
+    inner: float | None,
+    wal: int,
+    rows: dict[str, int],
+    sql: list[dict[str, Any]],
+    stats: dict[str, dict[str, int]],
+    env: dict[str, str],
+    server: dict[str, str],
+) -> dict[str, Any]:
+    checked = int(m.counts.get("checked", 0)) or o.sessions
     batches = max(1, -(-o.sessions // o.batch_size))
-    requests = {path: sum(codes.values()) for path, codes in stats.items()}
+    calls = sum(s["calls"] for s in sql)
+    per_batch = sum(s["calls"] for s in sql if _PER_BATCH.search(s["query"]))
+    written = sum(rows.values())
     return {
         "path": o.path,
         "sessions": o.sessions,
-        "wall_s": round(wall, 3),
-        "sessions_per_s": round(o.sessions / wall, 1),
-        "worker_cpu_s": round(cpu, 3),
-        "worker_cpu_s_per_1000": round(cpu / o.sessions * 1000, 4),
-        "peak_rss_mb": round(usage1.ru_maxrss / 1024, 1),
-        "rss_before_sweep_mb": round(rss_before / 1024, 1),
-        "sql_statements": measured["total"],
-        "sql_statements_per_batch": round(measured["total"] / batches, 2) if o.path != "baseline" else None,
-        "sql_statements_per_session": round(measured["total"] / o.sessions, 3),
-        "sql_by_kind": measured["statements"],
-        "emulator_cpu_s": round(emu1 - emu0, 3),
-        "postgres_cpu_s": round(pg1 - pg0, 3),
-        "pangea_requests": requests,
-        "counts": measured["counts"],
-        "seed_db_s": round(db_seconds, 1),
-        "seed_emulator_s": round(emu_seconds, 1),
+        "refreshing": plan.refreshing,
+        "wall_s": round(m.wall, 3),
+        "sweep_s": round(inner, 3) if inner is not None else None,
+        "sessions_per_s": round(o.sessions / m.wall, 1),
+        "sessions_per_s_in_sweep": round(o.sessions / inner, 1) if inner else None,
+        "worker_cpu_s": round(m.cpu, 3),
+        "worker_cpu_us_per_session": round(m.cpu / o.sessions * 1e6, 1),
+        "peak_rss_mb": round(m.max_rss_kb / 1024, 1),
+        "wal_bytes": wal,
+        "wal_bytes_per_check": round(wal / checked, 2),
+        "rows_written": rows,
+        "rows_per_check": round(written / checked, 4),
+        "sql_statements": calls,
+        "sql_statements_per_batch": round(per_batch / batches, 2) if o.path != "baseline" else None,
+        "sql_by_statement": sql[:12],
+        "pangea_requests": {path: sum(codes.values()) for path, codes in stats.items()},
+        "counts": m.counts,
         "settings": {k: v for k, v in env.items() if k.startswith("SESSION_SYNC_") and "KEYS" not in k},
+        "postgres_settings": {k: v for k, v in server.items() if k not in ("port", "unix_socket_directories")},
         "latency_ms": o.latency_ms,
+        "profiled": bool(o.profile),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "python": platform.python_version(),
     }
 
