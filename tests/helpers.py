@@ -140,3 +140,12 @@ def active_token(rt: runtime.Runtime, session_id: int) -> str:
 def requests(emu: RunningEmulator, path: str) -> int:
     return sum(emu.admin.stats()["requests"].get(path, {}).values())
 
+
+def wait_in_flight(emu: RunningEmulator, path: str, *, timeout: float = 20.0) -> None:
+    """Wait until the emulator holds a request to ``path`` it has not answered yet (e.g. under latency)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not emu.admin.stats().get("in_flight", {}).get(path):
+        assert time.monotonic() < deadline, f"no request to {path} reached the emulator in {timeout} s"
+        time.sleep(0.02)

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import RunningEmulator
-from tests.helpers import login, moved_clock, row
+from tests.helpers import login, moved_clock, row, wait_in_flight
 from worker import models
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -48,7 +48,7 @@ def test_refreshes_queued_past_their_hold_are_never_presented_twice(make_runtime
     results: list[Any] = []
     taking = threading.Thread(target=lambda: results.append(first.run(first.engine.drain())))
     taking.start()
-    time.sleep(0.5)  # the first worker has claimed the batch and is refreshing it two at a time
+    wait_in_flight(emu, REFRESH)  # the first worker has claimed the batch and is refreshing it two at a time
     beside = threading.Thread(target=sweep_beside)
     beside.start()
     taking.join(timeout=90)
@@ -73,13 +73,14 @@ def test_refreshes_queued_past_their_hold_are_never_presented_twice(make_runtime
 def test_a_batch_that_outlived_its_lease_never_ends_a_session_another_worker_refreshed(
     make_runtime: Any, emu: RunningEmulator
 ) -> None:
-    settings = {"SESSION_SYNC_HTTP_TIMEOUT": "15", "SESSION_SYNC_LEASE": "5s"}
+    # A 30 s margin on 40 s tokens: refreshed from 20-25 s on (the jitter), so at 27 s every one is due
+    settings = {"SESSION_SYNC_HTTP_TIMEOUT": "15", "SESSION_SYNC_LEASE": "5s", "SESSION_SYNC_REFRESH_MARGIN": "30s"}
     stale, fresh = make_runtime(**settings), make_runtime(**settings)
     clock = moved_clock(stale, fresh)
     # Given sessions inside their refresh margin whose last refresh had no answer (Pangea never
     # performed it): they are settled before their refresh token goes out again
     ids = [login(stale, emu, f"u{i}@example.com", active_ttl=40) for i in range(4)]
-    clock.advance(25)
+    clock.advance(27)
     with stale.sessions.begin() as db:
         db.execute(
             sa.update(models.LocalSession)
@@ -92,7 +93,7 @@ def test_a_batch_that_outlived_its_lease_never_ends_a_session_another_worker_ref
     results: list[Any] = []
     slow = threading.Thread(target=lambda: results.append(stale.run(stale.engine.drain())))
     slow.start()
-    time.sleep(1.0)  # its list is in flight
+    wait_in_flight(emu, LIST)  # its list is held (a fixed sleep raced a slow start under load)
     emu.admin.clear_faults()
     clock.advance(6)
 

@@ -68,7 +68,8 @@ class EmulatorAdmin:
         self._call("POST", "/emulator/faults", {})
 
     def stats(self) -> dict[str, Any]:
-        """``{"requests": {"<path>": {"<http status>": count}}}`` since the last reset."""
+        """``{"requests": {"<path>": {"<http status>": count}}}`` since the last reset, and
+        ``"in_flight": {"<path>": count}`` of the requests received and not yet answered."""
         return dict(self._call("GET", "/emulator/stats"))
 
     def config(self, **rules: str) -> dict[str, str]:

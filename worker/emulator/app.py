@@ -82,6 +82,8 @@ class Emulator:
         )
         self.faults = faults.Faults()
         self.stats: dict[str, dict[str, int]] = {}
+        #: API requests received and not yet answered, by path (a test can wait for a held one).
+        self.in_flight: dict[str, int] = {}
         self._rng = random.Random()
         self._release = asyncio.Event()  # set (then replaced) on reset: frees held Timeout requests
         self._admin: dict[tuple[str, str], Callable[[bytes], tuple[int, Any]]] = {
@@ -91,7 +93,11 @@ class Emulator:
             ("GET", "/emulator/faults"): lambda _: (200, self.faults.to_json()),
             ("GET", "/emulator/stats"): lambda _: (
                 200,
-                {"requests": self.stats, "refresh_reused": self.ctx.store.refresh_reused},
+                {
+                    "requests": self.stats,
+                    "in_flight": {path: n for path, n in self.in_flight.items() if n},
+                    "refresh_reused": self.ctx.store.refresh_reused,
+                },
             ),
             ("POST", "/emulator/reset"): self._reset,
             ("POST", "/emulator/config"): self._configure,
@@ -112,6 +118,13 @@ class Emulator:
     # --- API -----------------------------------------------------------------------------------
 
     async def _serve_api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        self.in_flight[path] = self.in_flight.get(path, 0) + 1
+        try:
+            await self._serve_api_request(scope, receive, send, path)
+        finally:
+            self.in_flight[path] -= 1
+
+    async def _serve_api_request(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         request_time = time.time()
         raw = await _read_body(receive)
         fault = None
