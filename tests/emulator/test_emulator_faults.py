@@ -200,7 +200,7 @@ def test_the_admin_surface_is_never_faulted(emu: RunningEmulator) -> None:
     code = emu.admin.login("ada@example.com")
     stats = emu.admin.stats()
 
-    assert code.startswith("pmc_") and stats == {"requests": {}, "refresh_reused": 0}
+    assert code.startswith("pmc_") and stats == {"requests": {}, "in_flight": {}, "refresh_reused": 0}
     assert time.monotonic() - started < 0.3
 
 
@@ -261,8 +261,30 @@ def test_stats_count_every_api_request_by_path_and_status(emu: RunningEmulator) 
             "/v2/user/list": {"404": 1},
             "/v2/client/jwks": {"429": 1},
         },
+        "in_flight": {},
         "refresh_reused": 0,
     }
+
+
+def test_stats_name_the_requests_held_in_flight_until_they_are_answered(emu: RunningEmulator) -> None:
+    # Given a Pangea that holds token checks for a second
+    emu.admin.faults(latency_ms=1000, paths=[CHECK])
+
+    # When two checks are sent and held
+    with ThreadPoolExecutor(2) as pool:
+        sent = [pool.submit(check, emu) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while (held := emu.admin.stats()["in_flight"]) != {CHECK: 2}:
+            assert time.monotonic() < deadline, held
+            time.sleep(0.02)
+        # Then, while held, they are in flight and not yet counted as answered
+        assert CHECK not in emu.admin.stats()["requests"]
+        codes = [f.result().status_code for f in sent]
+
+    # ... and once answered they are counted, and nothing is in flight
+    stats = emu.admin.stats()
+    assert codes == [emu.verdict_code] * 2
+    assert stats["in_flight"] == {} and stats["requests"][CHECK] == {str(emu.verdict_code): 2}
 
 
 def test_reset_forgets_sessions_codes_counters_and_faults(emu: RunningEmulator) -> None:
@@ -275,7 +297,7 @@ def test_reset_forgets_sessions_codes_counters_and_faults(emu: RunningEmulator) 
     emu.admin.reset()
 
     # Then none of them is left
-    assert emu.admin.stats() == {"requests": {}, "refresh_reused": 0}
+    assert emu.admin.stats() == {"requests": {}, "in_flight": {}, "refresh_reused": 0}
     assert http_post(emu.base_url, "/v2/client/jwks", emu.service_token, {}).status_code == 200
     token = http_post(emu.base_url, CHECK, emu.service_token, {"token": creds["active_token"]["token"]})
     userinfo = http_post(emu.base_url, "/v2/client/userinfo", emu.service_token, {"code": code})
