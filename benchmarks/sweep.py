@@ -23,7 +23,8 @@ then measures the sweep process and only it:
 - its statements: ``pg_stat_statements`` (calls, rows and WAL bytes per statement);
 - CPU seconds of the sweep process (``wait4`` rusage: it and its children), of the emulator and of
   every PostgreSQL process (``/proc/<pid>/stat``, exited backends through the postmaster's
-  ``cutime``), and the sweep process's peak RSS (``ru_maxrss`` of ``wait4``);
+  ``cutime``), and the sweep process's peak RSS (``ru_maxrss`` of ``wait4``, started through
+  :mod:`benchmarks.launch` so that it is the sweep's own, not this process's);
 - wall time of the whole process (start-up included) and of the sweep inside it (its ``sweep_runs`` row).
 """
 
@@ -43,6 +44,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -324,15 +326,18 @@ def run_sweep(command: list[str], env: dict[str, str], profile: str | None, emu_
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        # Through benchmarks.launch: forked from here, the sweep would count this process's memory
+        # (the seeded sessions) in its peak RSS (see that module).
+        rusage = os.path.join(tmp, "rusage.json")
+        launched = [sys.executable, "-m", "benchmarks.launch", rusage, *command]
         started = time.perf_counter()
-        proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(launched, env={**os.environ, **env}, stdout=out, stderr=err, check=False)
         wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
         out.seek(0)
         err.seek(0)
         printed, said = out.read().decode(), err.read().decode(errors="replace")
+        usage = json.loads(Path(rusage).read_text()) if os.path.exists(rusage) else {}
     if profile:
         emu_spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         emu_spy.wait(timeout=60)
@@ -340,7 +345,7 @@ def run_sweep(command: list[str], env: dict[str, str], profile: str | None, emu_
         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{said[-4000:]}")
     # sweep --once --json prints one indented object (py-spy may print after it)
     counts, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
-    return Measured(counts=counts, wall=wall, cpu=usage.ru_utime + usage.ru_stime, max_rss_kb=int(usage.ru_maxrss))
+    return Measured(counts=counts, wall=wall, cpu=usage["utime"] + usage["stime"], max_rss_kb=int(usage["maxrss_kb"]))
 
 
 def sweep_seconds(db_url: str) -> float | None:
