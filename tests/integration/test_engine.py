@@ -319,9 +319,10 @@ def test_a_session_logged_out_while_its_refresh_is_in_flight_leaves_nothing_aliv
     make_runtime: Any, emu: RunningEmulator
 ) -> None:
     rt = make_runtime()
+    clock = moved_clock(rt)
     sid = login(rt, emu, "late@example.com", active_ttl=8)
     pangea_id = row(rt, sid).pangea_session_id or ""
-    time.sleep(5.2)  # inside the refresh margin of an 8 s token
+    clock.advance(5.2)  # inside the refresh margin of an 8 s token, as the worker sees it
     # Given a refresh that takes three seconds to come back
     emu.admin.faults(latency_ms=3000, paths=["/v2/client/session/refresh"])
     refreshing = threading.Thread(target=lambda: rt.run(rt.engine.resync(session_ids=[sid])))
@@ -352,8 +353,9 @@ def test_an_orphan_that_could_not_be_ended_is_ended_at_the_next_settling(
     make_runtime: Any, emu: RunningEmulator
 ) -> None:
     rt = make_runtime(SESSION_SYNC_REVALIDATION="bulk")
+    clock = moved_clock(rt)
     sid = login(rt, emu, "orphan@example.com", active_ttl=8)
-    time.sleep(5.2)  # inside the refresh margin of an 8 s token
+    clock.advance(5.2)  # inside the refresh margin of an 8 s token, as the worker sees it
     # Given a refresh Pangea performed and whose answer was lost
     emu.admin.faults(error_rate=1.0, error="Dropped", paths=["/v2/client/session/refresh"])
     rt.run(rt.engine.resync(session_ids=[sid]))
