@@ -38,7 +38,9 @@ def worker_env(pg_url: str, redis_url: str, emu: RunningEmulator, **extra: str) 
         | {
             "SESSION_SYNC_CHECK_INTERVAL": str(CHECK_INTERVAL),
             "SESSION_SYNC_SWEEP_PERIOD": str(SWEEP_PERIOD),
-            "SESSION_SYNC_REFRESH_MARGIN": "3s",
+            # 10 s tokens refresh 3.75-5 s before expiry (the jitter): slack for a sweep a second and
+            # the queue's lag on a loaded CI machine (8 s tokens and 3 s left 2.25 s: one lapsed)
+            "SESSION_SYNC_REFRESH_MARGIN": "5s",
             "SESSION_SYNC_BATCH_SIZE": "20",
             "SESSION_SYNC_HTTP_TIMEOUT": "3",
         }
@@ -65,7 +67,7 @@ def test_worker_keeps_sessions_true_to_pangea(
         # Given healthy sessions, sessions about to expire, and sessions that will expire for good
         healthy = [login(rt, emu, f"ok{i}@example.com") for i in range(30)]
         doomed = [login(rt, emu, f"dead{i}@example.com") for i in range(10)]
-        expiring = [login(rt, emu, f"soon{i}@example.com", active_ttl=8) for i in range(10)]
+        expiring = [login(rt, emu, f"soon{i}@example.com", active_ttl=10) for i in range(10)]
         mortal = [login(rt, emu, f"gone{i}@example.com", active_ttl=2, refresh_ttl=2) for i in range(5)]
         first_expiry = {i: row(rt, i).active_expires_at for i in expiring}
 
