@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from tests.acceptance import harness
 from tests.conftest import RunningEmulator
 from worker import crypto, models, runtime, sessions, wire
 from worker.settings import Settings
@@ -143,9 +144,9 @@ def requests(emu: RunningEmulator, path: str) -> int:
 
 def wait_in_flight(emu: RunningEmulator, path: str, *, timeout: float = 20.0) -> None:
     """Wait until the emulator holds a request to ``path`` it has not answered yet (e.g. under latency)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not emu.admin.stats().get("in_flight", {}).get(path):
-        assert time.monotonic() < deadline, f"no request to {path} reached the emulator in {timeout} s"
-        time.sleep(0.02)
+    harness.wait_for(
+        lambda: bool(emu.admin.stats()["in_flight"].get(path)),
+        timeout=timeout,
+        what=f"a request to {path} held by the emulator",
+        every=0.02,
+    )

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.acceptance import harness
 from tests.conftest import RunningEmulator, http_post
 from worker.emulator import EmulatorAdminError, faults
 
@@ -273,10 +274,9 @@ def test_stats_name_the_requests_held_in_flight_until_they_are_answered(emu: Run
     # When two checks are sent and held
     with ThreadPoolExecutor(2) as pool:
         sent = [pool.submit(check, emu) for _ in range(2)]
-        deadline = time.monotonic() + 5
-        while (held := emu.admin.stats()["in_flight"]) != {CHECK: 2}:
-            assert time.monotonic() < deadline, held
-            time.sleep(0.02)
+        harness.wait_for(
+            lambda: emu.admin.stats()["in_flight"] == {CHECK: 2}, timeout=5, what="two held checks", every=0.02
+        )
         # Then, while held, they are in flight and not yet counted as answered
         assert CHECK not in emu.admin.stats()["requests"]
         codes = [f.result().status_code for f in sent]
