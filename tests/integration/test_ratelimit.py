@@ -58,20 +58,27 @@ async def test_projects_have_separate_buckets_and_keys_hide_the_token(redis_url:
     await b.aclose()
 
 
+async def burst(
+    limiter: ratelimit.RedisRateLimiter | ratelimit.DatabaseRateLimiter, caplog: pytest.LogCaptureFixture
+) -> float:
+    """Seconds 15 tokens take from ``limiter`` (closed after), its warnings captured."""
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="worker.ratelimit"):
+            for _ in range(15):
+                await limiter.acquire()
+        return time.monotonic() - started
+    finally:
+        await limiter.aclose()
+
+
 async def test_without_redis_each_process_limits_itself_instead_of_failing(caplog: pytest.LogCaptureFixture) -> None:
     # Given the shared bucket's Redis is gone (nothing listens on its port)
     limiter = ratelimit.RedisRateLimiter(
         f"redis://127.0.0.1:{free_port()}/0", project="https://authn.example|pts_x", rate=20, burst=5
     )
-    try:
-        # When a burst of requests asks for tokens
-        started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="worker.ratelimit"):
-            for _ in range(15):
-                await limiter.acquire()
-        took = time.monotonic() - started
-    finally:
-        await limiter.aclose()
+    # When a burst of requests asks for tokens
+    took = await burst(limiter, caplog)
     # Then they are granted at the configured rate by a local bucket (5 at once, then 20 per second)
     assert 0.4 <= took < 3
     # ... and the outage is logged once, not per request
@@ -156,15 +163,8 @@ async def test_when_the_database_store_fails_each_process_limits_itself(
     else:
         url = f"sqlite:///{tmp_path}/empty.db"
     limiter = ratelimit.DatabaseRateLimiter(url, project="https://authn.example|pts_x", rate=20, burst=5)
-    try:
-        # When a burst of requests asks for tokens
-        started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="worker.ratelimit"):
-            for _ in range(15):
-                await limiter.acquire()
-        took = time.monotonic() - started
-    finally:
-        await limiter.aclose()
+    # When a burst of requests asks for tokens
+    took = await burst(limiter, caplog)
     # Then they are granted at the configured rate by a local bucket (5 at once, then 20 per second)
     assert 0.4 <= took < 3
     # ... and the outage is logged once, not per request
