@@ -151,20 +151,12 @@ class SyncEngine:
             )
         )
         if claimed:
-            try:
+
+            async def batch() -> Counts:
                 counts, _ = await self._process(claimed, confirm_revocations=confirm_revocations)
                 return counts
-            except OurTokenRejected as exc:
-                # Pangea refusing our token is the run's outcome, as in the outbox: counts that say stopped.
-                with self._sessions.begin() as db:
-                    queries.release(db, claim_token=claim_token)
-                logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
-                return Counts(stopped=True)
-            except BaseException:
-                # Whatever went wrong, give the rows back now instead of when the lease lapses.
-                with self._sessions.begin() as db:
-                    queries.release(db, claim_token=claim_token)
-                raise
+
+            return await self._giving_back(batch(), lambda db: queries.release(db, claim_token=claim_token))
         groups = await self._in_transaction(
             lambda db: queries.take_groups(
                 db,
@@ -178,17 +170,23 @@ class SyncEngine:
         )
         if not groups:
             return None
+        # The groups' cursors stay as written: the next worker resumes there.
+        round_ = self._round(groups, confirm_revocations=confirm_revocations)
+        return await self._giving_back(round_, lambda db: queries.release_groups(db, groups))
+
+    async def _giving_back(self, work: Awaitable[Counts], give_back: Callable[[orm.Session], object]) -> Counts:
+        """``work``'s counts; if it fails, ``give_back`` first returns what it took (rows, groups) now
+        instead of when the lease lapses. Pangea refusing our token is the run's outcome, as in the
+        outbox: counts that say stopped."""
         try:
-            return await self._round(groups, confirm_revocations=confirm_revocations)
+            return await work
         except OurTokenRejected as exc:
-            # Pangea refusing our token is the run's outcome, as in the outbox: counts that say stopped.
             with self._sessions.begin() as db:
-                queries.release_groups(db, groups)
-            logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
-            return Counts(stopped=True)
+                give_back(db)
+            return _stopped(exc)
         except BaseException:
-            with self._sessions.begin() as db:  # the cursors stay: the next worker resumes there
-                queries.release_groups(db, groups)
+            with self._sessions.begin() as db:
+                give_back(db)
             raise
 
     async def _round(self, groups: list[queries.GroupRound], *, confirm_revocations: bool) -> Counts:
@@ -327,8 +325,7 @@ class SyncEngine:
             try:
                 counts, _ = await self._process(page, confirm_revocations=confirm_revocations)
             except OurTokenRejected as exc:
-                logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
-                counts = Counts(stopped=True)
+                counts = _stopped(exc)
             total.add(counts)
             after = page[-1].id
             if counts.stopped:
@@ -930,3 +927,9 @@ def _settled(item: wire.SessionItem | None) -> tuple[decisions.Settled, Answer]:
     if item is None or item.active_token is None:
         return decisions.Settled.SPENT, Answer()
     return decisions.Settled.UNSPENT, Answer(verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire)
+
+
+def _stopped(exc: OurTokenRejected) -> Counts:
+    """A run that Pangea's refusal of our token stopped: logged once, with counts that say so."""
+    logger.error("%s", exc, extra={"action": "sweep_stopped", "reason": "unauthorized"})
+    return Counts(stopped=True)
