@@ -98,13 +98,25 @@ class Run:
         self.rt = runtime.Runtime(Settings.from_env(fault_env(pg_url, emu.base_url, emu.service_token)))
         self.world = World(self.rt, emu, tag=scenario, ttl=ttl)
         self.workers: list[harness.WorkerProcess] = []
+        self._argv: list[tuple[str, tuple[str, ...]]] = []
+        self.exit_codes: list[int] = []  # of workers that exited on their own and were started again
 
     def start_worker(self, name: str, *args: str) -> harness.WorkerProcess:
         workdir = self.tmp_path / name  # each beat keeps its own schedule file
         workdir.mkdir(exist_ok=True)
         worker = harness.start_worker(self.env, workdir, *(args or WORKER_ARGS), name=name)
         self.workers.append(worker)
+        self._argv.append((name, args or WORKER_ARGS))
         return worker
+
+    def restart_exited(self) -> None:
+        """What a supervisor does (compose's ``restart: unless-stopped``): start again a worker that exited."""
+        for i, worker in enumerate(self.workers):
+            if worker.proc.poll() is not None:
+                self.exit_codes.append(worker.proc.returncode)
+                name, args = self._argv[i]
+                workdir = self.tmp_path / name
+                self.workers[i] = harness.start_worker(self.env, workdir, *args, name=f"{name}-{len(self.exit_codes)}")
 
     def wait_calm(self) -> None:
         """Every session checked at least once: the worker is in its stride."""
@@ -139,8 +151,17 @@ class Run:
             return None
         return int(found[0]), found[1], int(found[2])
 
-    def judge(self, healed: datetime, **notes: Any) -> Figures:
-        recovered = wait_caught_up(self.world, healed, step=lambda: time.sleep(0.3), timeout=90)
+    def judge(self, healed: datetime, *, supervised: bool = False, **notes: Any) -> Figures:
+        """Wait until the world caught up after ``healed``; ``supervised``: restarting workers that exit."""
+
+        def step() -> None:
+            if supervised:
+                self.restart_exited()
+            time.sleep(0.3)
+
+        recovered = wait_caught_up(self.world, healed, step=step, timeout=90)
+        if supervised:
+            notes["worker_exits"] = len(self.exit_codes)
         return self.world.judge(self.scenario, recovered_in=recovered, **notes)
 
     def close(self) -> None:
@@ -251,10 +272,13 @@ def test_redis_restarted(
     run.world.doom()
     run.world.leave()
     time.sleep(3)
-    # When it comes back empty, the worker and its beat reconnect on their own
+    # When it comes back empty, the worker and its beat reconnect on their own, or (Celery 5.7 can
+    # exit with "Unrecoverable error" when Redis goes away while a late-acked task runs) the worker
+    # exits non-zero and its supervisor starts it again, as compose's restart policy does
     own_redis.start()
     healed = datetime.now(UTC)
-    report(capsys, run.judge(healed))
+    report(capsys, run.judge(healed, supervised=True))
+    assert 0 not in run.exit_codes, "a worker that exits 0 on a broker outage is not restarted by Restart=on-failure"
 
 
 def _pg_cluster() -> tuple[str, str] | None:
