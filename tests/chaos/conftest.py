@@ -9,30 +9,8 @@ leaves the soak's PostgreSQL running after the test (its URL is printed), to rea
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
-import pytest
-
-from tests.chaos.postgres import PrivatePostgres, binaries
-from tests.conftest import require
+from tests.chaos.postgres import own_postgres
 from tests.faults.test_pangea_faults import report
 from tests.faults.test_process_faults import own_redis
 
 __all__ = ["own_postgres", "own_redis", "report"]
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PrivatePostgres]:
-    require(binaries() is not None, "PostgreSQL's server binaries are not installed (/usr/lib/postgresql/*/bin)")
-    server = PrivatePostgres()
-    keep = os.environ.get("SESSION_SYNC_CHAOS_KEEP") == "1"  # replaying a seed: look at the rows afterwards
-    try:
-        server.start()
-        server.create_database()
-        yield server
-    finally:
-        if keep:
-            print(f"\nchaos: PostgreSQL kept at {server.url} (data in {server.root})")
-        else:
-            server.close()

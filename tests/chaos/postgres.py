@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require
 from worker import db as dbmod
 
 #: The server's settings: enough connections for the fleet (each worker process and its children
@@ -98,3 +100,23 @@ class PrivatePostgres:
             except (RuntimeError, subprocess.TimeoutExpired):
                 time.sleep(1)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own, its database migrated; removed afterwards.
+
+    ``SESSION_SYNC_CHAOS_KEEP=1`` leaves it running (its URL is printed), to read a replay's rows.
+    """
+    require(binaries() is not None, "PostgreSQL's server binaries are not installed (/usr/lib/postgresql/*/bin)")
+    server = PrivatePostgres()
+    keep = os.environ.get("SESSION_SYNC_CHAOS_KEEP") == "1"
+    try:
+        server.start()
+        server.create_database()
+        yield server
+    finally:
+        if keep:
+            print(f"\nchaos: PostgreSQL kept at {server.url} (data in {server.root})")
+        else:
+            server.close()

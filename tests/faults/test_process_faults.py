@@ -1,14 +1,14 @@
 """The worker's own world failing: killed mid-sweep and mid-refresh, Redis and PostgreSQL restarted, two beats.
 
 Real ``celery -A worker worker -B`` processes on PostgreSQL and a Redis server of this test's own
-(so restarting it disturbs nothing else), against the emulator over HTTP. As in
+(so restarting it disturbs nothing else; the PostgreSQL restart, too, is of a server of the test's
+own), against the emulator over HTTP. As in
 ``test_pangea_faults``, sessions are ended at Pangea and users log out while the fault is on, and
 the run is judged by Pangea's state and the database's once the fault is over.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +23,7 @@ import redis
 import sqlalchemy as sa
 
 from tests.acceptance import harness
+from tests.chaos.postgres import PrivatePostgres
 from tests.conftest import RunningEmulator, free_port, require
 from tests.faults.world import Figures, World, fault_env, wait_caught_up
 from worker import models, runtime, verification
@@ -176,8 +177,8 @@ def run_for(
 ) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def make(scenario: str, **options: Any) -> Run:
-        run = Run(pg_url, emu, own_redis.url, tmp_path, scenario, **options)
+    def make(scenario: str, *, database_url: str | None = None, **options: Any) -> Run:
+        run = Run(database_url or pg_url, emu, own_redis.url, tmp_path, scenario, **options)
         runs.append(run)
         return run
 
@@ -281,37 +282,20 @@ def test_redis_restarted(
     assert 0 not in run.exit_codes, "a worker that exits 0 on a broker outage is not restarted by Restart=on-failure"
 
 
-def _pg_cluster() -> tuple[str, str] | None:
-    """(version, cluster) of the local PostgreSQL managed by pg_ctlcluster, if any."""
-    if shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
-        return None
-    for version in sorted(os.listdir("/etc/postgresql")):
-        if os.path.isdir(f"/etc/postgresql/{version}/main"):
-            return version, "main"
-    return None
-
-
-def _pg_ctl(action: str, cluster: tuple[str, str]) -> None:
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", *cluster, action], check=True, capture_output=True, timeout=60
-    )
-
-
-def test_postgres_restarted(run_for: Any, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]) -> None:
-    cluster = _pg_cluster()
-    require(cluster is not None, "pg_ctlcluster is not available to restart PostgreSQL")
-    assert cluster is not None
-    run = run_for("postgres_restart")
+def test_postgres_restarted(
+    run_for: Any, own_postgres: PrivatePostgres, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = run_for("postgres_restart", database_url=own_postgres.url)
     worker = run.start_worker("w1")
     run.wait_calm()
     run.world.doom()
     run.world.leave()  # committed before the outage: the outbox has them
-    # Given PostgreSQL goes down for three seconds (every pooled connection dies)
-    _pg_ctl("stop", cluster)
+    # Given PostgreSQL (a server of this test's own) goes down for three seconds: every pooled connection dies
+    own_postgres.stop()
     try:
         time.sleep(3)
     finally:
-        _pg_ctl("start", cluster)
+        own_postgres.start()
     healed = datetime.now(UTC)
     # Then the same worker recovers with no manual step: its pools reconnect
     figures = run.judge(healed)
