@@ -119,9 +119,11 @@ def test_worker_keeps_sessions_true_to_pangea(
         assert task_names.SWEEP in logs and task_names.CHECK_BATCH in logs
         # Healthy sessions are untouched
         assert states(rt, healthy) == [("active", None)] * 30
-        # No refresh token was used twice: Pangea never refused one
-        refresh_stats = emu.admin.stats()["requests"].get("/v2/client/session/refresh", {})
-        assert set(refresh_stats) == {"200"}, refresh_stats
+        # No refresh token was used twice: Pangea saw none presented again after it was spent (a refusal
+        # alone proves nothing: on a loaded machine a mortal session's last refresh can land just after
+        # its 2 s refresh token lapsed, and Pangea refuses it as expired)
+        stats = emu.admin.stats()
+        assert stats["refresh_reused"] == 0, stats["requests"].get("/v2/client/session/refresh")
         # No session was checked twice in one round: the times Pangea vouched for a healthy session (its
         # group's rounds: a routine check writes no row and no audit event) are a check interval apart
         with rt.sessions() as db:
