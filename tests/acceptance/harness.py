@@ -27,12 +27,11 @@ class WorkerProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (the main process and its pool children)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+        """Signal the whole process group (the main process and its pool children, even if the main one died)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

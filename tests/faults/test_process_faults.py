@@ -115,6 +115,7 @@ class Run:
         for i, worker in enumerate(self.workers):
             if worker.proc.poll() is not None:
                 self.exit_codes.append(worker.proc.returncode)
+                worker.kill(signal.SIGKILL)  # whatever is left of its process group
                 name, args = self._argv[i]
                 workdir = self.tmp_path / name
                 self.workers[i] = harness.start_worker(self.env, workdir, *args, name=f"{name}-{len(self.exit_codes)}")
