@@ -61,23 +61,28 @@ def require(available: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-#: Tests that stop and start processes every other test depends on (the shared PostgreSQL, in the
-#: fault matrix and the chaos soak) and load the machine for minutes: they run in a pytest of their
-#: own (``pytest -m serial``, after the parallel run), never beside another test.
-SERIAL_FILES = ("tests/faults/test_process_faults.py", "tests/chaos/test_soak.py")
+#: Tests that run fleets of worker processes (the fault matrix's process faults, the chaos soak, the
+#: skewed clocks), the first two against servers of their own: they load the machine for minutes, so
+#: they run one after another, never two at once. Under pytest-xdist that is one group
+#: (``--dist loadgroup``) on one worker, put first so it starts at once while the others take the rest.
+SERIAL_FILES = ("tests/faults/test_process_faults.py", "tests/chaos/test_soak.py", "tests/chaos/test_skew.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects on the mark
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects on the mark, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if Path(item.path).relative_to(config.rootpath).as_posix() in SERIAL_FILES:
-            item.add_marker(pytest.mark.serial)
+    serial = [i for i in items if Path(i.path).relative_to(config.rootpath).as_posix() in SERIAL_FILES]
+    for item in serial:
+        item.add_marker(pytest.mark.serial)
+        item.add_marker(pytest.mark.xdist_group("serial"))
+    chosen = set(serial)
+    items[:] = serial + [i for i in items if i not in chosen]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A serial test under ``pytest -n`` would restart PostgreSQL under the other workers' tests."""
-    if item.get_closest_marker("serial") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        pytest.fail("serial test inside a parallel run: run it alone (pytest -m serial), as .ci/run does")
+    """Two serial tests at once (``-n`` without ``--dist loadgroup``) would each load the machine for minutes."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if item.get_closest_marker("serial") and workers > 1 and not item.config.getvalue("loadgroup"):
+        pytest.fail("serial test in a parallel run without --dist loadgroup: run the suite as .ci/run does")
 
 
 def free_port() -> int:

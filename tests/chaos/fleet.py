@@ -49,6 +49,9 @@ class Fleet:
         self.beat: harness.WorkerProcess | None = None
         self.kills = {"worker": 0, "beat": 0}
         self.refused_starts = 0
+        #: Processes found not running at the heal: a restart that failed, or one that exited on its own
+        #: (Celery 5.7 can, when Redis goes away under it); a supervisor would have started them again.
+        self.found_down = 0
         self._locks = [threading.Lock() for _ in slots]
         self._beat_lock = threading.Lock()
 
@@ -122,8 +125,10 @@ class Fleet:
         """Start any worker or beat that is not running (a restart that failed under the faults)."""
         for slot, worker in enumerate(self.workers):
             if worker is None or worker.proc.poll() is not None:
+                self.found_down += 1
                 self._supervised(functools.partial(self.start_worker, slot))
         if self.beat is None or self.beat.proc.poll() is not None:
+            self.found_down += 1
             self._supervised(self.start_beat)
 
     def stop(self) -> None:

@@ -317,6 +317,7 @@ class Soak:
             "worker_kills": self.fleet.kills["worker"],
             "beat_kills": self.fleet.kills["beat"],
             "refused_starts": self.fleet.refused_starts,
+            "found_down": self.fleet.found_down,
         } | {k: v for k, v in self.tally.__dict__.items() if v}
         with self.rt.sessions() as db:  # a tripped guard holds revocations until an operator confirms
             held = db.get(models.RevocationGuard, 1)
