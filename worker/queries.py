@@ -191,71 +191,87 @@ def take_groups(
     ``interval`` on; a round in progress resumes at its cursor (a dead worker's pages are not done
     twice). Small groups are taken together so a batch still weighs up to a batch's worth of sessions
     (the mass-revocation guard judges a batch). The candidates are read first, then leased by one
-    conditional UPDATE: a group another worker took meanwhile is simply not returned.
+    conditional UPDATE: a group another worker took meanwhile is simply not returned, and when it
+    took every group chosen, the next due ones are chosen (empty only when none is left due).
     """
     due = _group_due(now, due_by)
     if db.get_bind().dialect.name == "sqlite":
         # Take SQLite's write lock before reading (a write statement takes it, even one that matches
         # no row): a deferred transaction that read first could not write after another process did.
         db.execute(sa.update(G).where(sa.false()).values(sessions=G.sessions))
+    # Each attempt that takes nothing saw its chosen groups leased by others (PostgreSQL, READ
+    # COMMITTED: each statement reads what was committed before it), so fewer are due at the next.
+    for _ in range(models.DEFAULT_GROUPS):
+        chosen = _choose_groups(db, due, sessions)
+        if not chosen:
+            return []
+        fresh = G.cursor_id.is_(None)
+        stmt = (
+            sa.update(G)
+            .where(G.id.in_(chosen), due)
+            .values(
+                **leases.taken(claim_token, now=now, lease=lease),
+                round_started_at=sa.case((fresh, sa.literal(now, models.UtcDateTime())), else_=G.round_started_at),
+                round_due_at=sa.case((fresh, G.next_check_at), else_=G.round_due_at),
+                next_check_at=sa.case((fresh, sa.literal(now + interval, models.UtcDateTime())), else_=G.next_check_at),
+                cursor_bucket=sa.func.coalesce(G.cursor_bucket, -1),
+                cursor_id=sa.func.coalesce(G.cursor_id, 0),
+            )
+            .returning(
+                G.id, G.lo, G.hi, G.round_started_at, G.round_due_at, G.cursor_bucket, G.cursor_id, G.verified_at
+            )
+            .execution_options(synchronize_session=False)
+        )
+        taken = [
+            GroupRound(
+                id=row.id,
+                lo=row.lo,
+                hi=row.hi,
+                claim_token=claim_token,
+                round_started_at=row.round_started_at,
+                due_at=row.round_due_at,
+                cursor=(row.cursor_bucket, row.cursor_id),
+                verified_at=row.verified_at,
+            )
+            for row in db.execute(stmt)
+        ]
+        if taken:
+            return sorted(taken, key=lambda g: g.id)
+    return []
+
+
+def _choose_groups(db: orm.Session, due: sa.ColumnElement[bool], sessions: int) -> list[int]:
+    """The due groups to take next, in order, until their sizes reach ``sessions`` (at least one)."""
     candidates = db.execute(
-        sa.select(G.id, G.sessions, G.verified_at)
+        sa.select(G.id, G.sessions, G.verified_at, G.lo, G.hi)
         .where(due)
         .order_by(sa.case((G.cursor_id.is_not(None), 0), else_=1), G.next_check_at, G.id)
         .limit(models.DEFAULT_GROUPS * 2)
     ).all()
-    # A group never gone round has no size yet: count its sessions (once: its first round records it).
-    unknown = [int(g) for g, size, verified in candidates if verified is None and not size]
-    counted: dict[int, int] = {}
-    if unknown and sessions > 1:
-        counted = {
-            int(g): int(n)
-            for g, n in db.execute(
-                sa.select(G.id, sa.func.count(S.id))
-                .join(S, in_group())
-                .where(G.id.in_(unknown), models.session_is_active(), S.next_check_at.is_(None))
-                .group_by(G.id)
-            )
-        }
     chosen: list[int] = []
     weight = 0
-    for group_id, known, _ in candidates:
-        size = counted.get(int(group_id), known)
-        if chosen and weight + max(int(size), 1) > sessions:
+    for group_id, known, verified, lo, hi in candidates:
+        size = int(known or 0)
+        if verified is None and not size and sessions > 1:
+            # A group never gone round has no size yet (its first round records it): count its
+            # sessions by the bucket index, only as far as it takes to tell whether it fits.
+            size = _count_up_to(db, lo, hi, sessions - weight + 1)
+        if chosen and weight + max(size, 1) > sessions:
             break
         chosen.append(int(group_id))
-        weight += max(int(size), 1)
-    if not chosen:
-        return []
-    fresh = G.cursor_id.is_(None)
-    stmt = (
-        sa.update(G)
-        .where(G.id.in_(chosen), due)
-        .values(
-            **leases.taken(claim_token, now=now, lease=lease),
-            round_started_at=sa.case((fresh, sa.literal(now, models.UtcDateTime())), else_=G.round_started_at),
-            round_due_at=sa.case((fresh, G.next_check_at), else_=G.round_due_at),
-            next_check_at=sa.case((fresh, sa.literal(now + interval, models.UtcDateTime())), else_=G.next_check_at),
-            cursor_bucket=sa.func.coalesce(G.cursor_bucket, -1),
-            cursor_id=sa.func.coalesce(G.cursor_id, 0),
-        )
-        .returning(G.id, G.lo, G.hi, G.round_started_at, G.round_due_at, G.cursor_bucket, G.cursor_id, G.verified_at)
-        .execution_options(synchronize_session=False)
+        weight += max(size, 1)
+    return chosen
+
+
+def _count_up_to(db: orm.Session, lo: int, hi: int, cap: int) -> int:
+    """How many sessions of buckets ``lo..hi`` are on their group's schedule, counting no further than ``cap``."""
+    some = (
+        sa.select(S.id)
+        .where(models.session_is_active(), S.next_check_at.is_(None), S.bucket >= lo, S.bucket < hi)
+        .limit(cap)
+        .subquery()
     )
-    taken = [
-        GroupRound(
-            id=row.id,
-            lo=row.lo,
-            hi=row.hi,
-            claim_token=claim_token,
-            round_started_at=row.round_started_at,
-            due_at=row.round_due_at,
-            cursor=(row.cursor_bucket, row.cursor_id),
-            verified_at=row.verified_at,
-        )
-        for row in db.execute(stmt)
-    ]
-    return sorted(taken, key=lambda g: g.id)
+    return int(db.execute(sa.select(sa.func.count()).select_from(some)).scalar_one())
 
 
 def group_page(

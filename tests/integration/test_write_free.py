@@ -219,6 +219,63 @@ def test_concurrent_workers_take_disjoint_groups(make_runtime: Any, emu: Running
     assert sorted(everything) == list(range(models.DEFAULT_GROUPS))
 
 
+def test_a_worker_that_loses_the_race_for_a_group_takes_the_next_one(make_runtime: Any, emu: RunningEmulator) -> None:
+    import threading
+
+    rt = make_runtime()
+    now = rt.clock()
+
+    def take(db: Any, token: str) -> queries.GroupRound | None:
+        return queries.take_group(
+            db, now=now, lease=timedelta(minutes=5), interval=timedelta(minutes=5), claim_token=token, due_by=now
+        )
+
+    # Given a worker that has leased the first due group and not yet committed
+    first = rt.sessions()
+    first.begin()
+    mine = take(first, "first")
+    assert mine is not None
+    # And a second worker choosing while that lease is uncommitted (it sees the same first group due)
+    theirs: list[queries.GroupRound | None] = []
+    racing = threading.Thread(target=lambda: theirs.append(_take_in_own_transaction(rt, take)))
+    racing.start()
+    _wait_until_blocked_or_done(rt, racing)
+    # When the first worker commits
+    first.commit()
+    first.close()
+    racing.join(timeout=30)
+    # Then the second worker leased another due group instead of concluding nothing was due
+    # (a sweep lane that took "nothing" stopped, and its worker swept on fewer lanes than configured)
+    assert theirs and theirs[0] is not None, "the second worker took no group though 31 were due"
+    assert theirs[0].id != mine.id
+
+
+def _take_in_own_transaction(rt: runtime.Runtime, take: Any) -> queries.GroupRound | None:
+    with rt.sessions.begin() as db:
+        return take(db, "second")  # type: ignore[no-any-return]
+
+
+def _wait_until_blocked_or_done(rt: runtime.Runtime, thread: Any) -> None:
+    """Until the thread waits on a row lock (PostgreSQL) or on SQLite's write lock (a moment)."""
+    deadline = time.monotonic() + 10
+    with rt.sessions() as db:
+        postgres = db.get_bind().dialect.name == "postgresql"
+    while thread.is_alive() and time.monotonic() < deadline:
+        if not postgres:
+            time.sleep(0.3)
+            return
+        with rt.sessions() as db:
+            waiting = db.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
+        if waiting:
+            return
+        time.sleep(0.02)
+
+
 def test_the_staleness_policy_reads_the_groups_verification(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime(SESSION_SYNC_STALE_POLICY="revoke", SESSION_SYNC_MAX_UNVERIFIED="1h")
     # Given two sessions on their groups, both with a row record from three hours ago: Pangea vouched
