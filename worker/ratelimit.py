@@ -46,8 +46,12 @@ KEY_PREFIX = "session-sync:ratelimit:"
 DATABASE = "database"
 #: The database store's table (worker.models.RateLimitBucket).
 TABLE = "rate_limit_buckets"
-#: A database grant covers at most this many seconds of the rate (at 100/s: 10 tokens, ~10 writes/s).
+#: A database grant covers at most this many seconds of the rate (at 100/s: 10 tokens): what one
+#: process may hold ahead of the others, so a process using the whole rate writes ~10 times a second.
 GRANT_SECONDS = 0.1
+#: Below that cap a grant covers this many seconds of the process's own pace: a process using a
+#: small share of the rate (the usual case) writes about twice a second, whatever its pace.
+PACE_SECONDS = 0.5
 #: Tokens of a grant not spent this many seconds after it came due are dropped, not kept for a later burst.
 GRANT_LIFETIME = 1.0
 #: Seconds a process stays on its local bucket after the database store failed, before trying it again.
@@ -239,11 +243,12 @@ class DatabaseRateLimiter:
     """A token bucket in the worker's database, shared by every worker that talks to the same Pangea project.
 
     For a broker that is not Redis (RabbitMQ). A request does not cost a write: the process takes a
-    grant (as many tokens as it has callers waiting or spent in the last tenth of a second, at most
-    :func:`grant_size`) in one statement and spends it locally, so a busy process writes about ten
-    times a second, whatever the rate. An unspent grant lapses after :data:`GRANT_LIFETIME`, so idle
-    processes cannot hoard a burst. If the database fails, the process falls back to a bucket of its
-    own at the same rate (logged once a minute) for :data:`RETRY_AFTER` seconds, then tries again.
+    grant (as many tokens as it has callers waiting or spends in :data:`PACE_SECONDS`, at most
+    :func:`grant_size`) in one statement and spends it locally, so a busy process writes about twice
+    a second, up to ten times when it spends the whole rate. An unspent grant lapses after
+    :data:`GRANT_LIFETIME`, so idle processes cannot hoard a burst. If the database fails, the process
+    falls back to a bucket of its own at the same rate (logged once a minute) for :data:`RETRY_AFTER`
+    seconds, then tries again.
     """
 
     def __init__(self, database_url: str, *, project: str, rate: float, burst: float | None = None) -> None:
@@ -330,10 +335,10 @@ class DatabaseRateLimiter:
             self._lapses = self._due + GRANT_LIFETIME
 
     def _want(self, now: float) -> int:
-        """A grant's size: what this process is about to spend (callers waiting, or the last 0.1 s's pace)."""
+        """A grant's size: what this process is about to spend (callers waiting, or its pace's next half second)."""
         while self._spent and self._spent[0] < now - 1.0:
             self._spent.popleft()
-        pace = math.ceil(len(self._spent) * GRANT_SECONDS)
+        pace = math.ceil(len(self._spent) * PACE_SECONDS)
         return max(1, min(self._grant_max, max(self._waiting, pace)))
 
     def _take(self, want: int) -> float:

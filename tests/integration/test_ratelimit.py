@@ -153,6 +153,24 @@ async def test_a_busy_process_writes_a_few_times_a_second_not_once_per_request(p
     assert writes_per_second <= 15, writes_per_second
 
 
+async def test_a_process_using_a_small_share_of_the_rate_writes_about_twice_a_second(pg_url: str) -> None:
+    # Given one process sending about 400 requests a second, far below its project's 10,000/s limit
+    limiter = ratelimit.DatabaseRateLimiter(pg_url, project="https://authn.example|pts_x", rate=10_000)
+    try:
+        await take(limiter, 200)  # its pace is known from here on
+        before, at = limiter.grants, time.monotonic()
+        while time.monotonic() - at < 3:
+            await take(limiter, 4)
+            await asyncio.sleep(0.01)
+        done = time.monotonic()
+    finally:
+        await limiter.aclose()
+    # Then each grant covers about half a second of its own pace: a few writes a second, not ten
+    writes_per_second = (limiter.grants - before) / (done - at)
+    print(f"database store: {writes_per_second:.1f} writes/s far below the rate")
+    assert writes_per_second <= 4, writes_per_second
+
+
 @pytest.mark.parametrize("failure", ["unreachable", "not migrated"])
 async def test_when_the_database_store_fails_each_process_limits_itself(
     failure: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
