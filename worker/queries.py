@@ -263,6 +263,8 @@ def _choose_groups(db: orm.Session, due: sa.ColumnElement[bool], sessions: int) 
     chosen: list[int] = []
     weight = 0
     for group_id, known, verified, lo, hi in candidates:
+        if chosen and weight >= sessions:
+            break  # full: any group more would weigh at least one session too many
         size = int(known or 0)
         if verified is None and not size and sessions > 1:
             # A group never gone round has no size yet (its first round records it): count its

@@ -250,6 +250,35 @@ def test_a_worker_that_loses_the_race_for_a_group_takes_the_next_one(make_runtim
     assert theirs[0].id != mine.id
 
 
+def test_a_large_group_gone_round_is_taken_alone_before_one_never_gone_round(
+    make_runtime: Any, emu: RunningEmulator
+) -> None:
+    rt = make_runtime()
+    now = rt.clock()
+    with rt.sessions.begin() as db:
+        # Given groups that have never gone round (their sizes unknown), all due
+        db.execute(sa.update(G).values(verified_at=None, sessions=0, next_check_at=now))
+        # And, due before them, a group whose last round held far more sessions than a batch
+        db.execute(
+            sa.update(G)
+            .where(G.id == 0)
+            .values(verified_at=now - timedelta(minutes=5), sessions=5000, next_check_at=now - timedelta(minutes=1))
+        )
+    # When a worker takes a batch's worth of groups
+    with rt.sessions.begin() as db:
+        taken = queries.take_groups(
+            db,
+            now=now,
+            lease=timedelta(minutes=5),
+            interval=timedelta(minutes=5),
+            claim_token="mixed",
+            due_by=now,
+            sessions=1000,
+        )
+    # Then it takes the large group alone: the batch is full (nothing more is counted or taken)
+    assert [g.id for g in taken] == [0]
+
+
 def _take_in_own_transaction(rt: runtime.Runtime, take: Any) -> queries.GroupRound | None:
     with rt.sessions.begin() as db:
         return take(db, "second")  # type: ignore[no-any-return]
