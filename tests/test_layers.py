@@ -26,6 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": (
         "worker",
         "worker.errors",
+        "worker.frozen",
         "worker.task_names",
         "worker.counts",
         "worker.reports",

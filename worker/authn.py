@@ -199,10 +199,13 @@ class AuthnClient:
         before each request (the shared rate limit).
         """
 
-        async def fetch(chunk: list[str], size: int, last: str | None) -> wire.SessionPage:
+        path = "/v2/session/list"
+
+        async def fetch(chunk: list[str], size: int, last: str | None) -> wire.ListedPage:
             if pace is not None:
                 await pace()
-            return await self.session_list(filter={"active_token_id__in": chunk}, size=size, last=last)
+            env = await self._call(path, _list_body({"active_token_id__in": chunk}, {"size": size, "last": last}))
+            return wire.ListedPage.from_wire(self._expect_success(env, path), request_id=env.request_id)
 
         return await list_limits.list_by_ids(token_ids, fetch=fetch, limits=self._limits)
 

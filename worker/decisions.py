@@ -191,14 +191,31 @@ def is_routine(decision: Decision, facts: SessionFacts, now: datetime, policy: P
 
 def refresh_margin(facts: SessionFacts, policy: Policy, rng: random.Random) -> timedelta:
     """How long before expiry to refresh: max(floor, fraction of lifetime), less random jitter."""
-    # In microseconds, as numbers: timedelta times a float is dearer, and this runs twice per check.
-    issued = facts.active_issued_at
-    lifetime = (facts.active_expires_at - issued) // _MICROSECOND if issued is not None else 0
+    margin = _widest_margin(facts.active_expires_at, facts.active_issued_at, policy)
+    return timedelta(microseconds=margin * (1 - policy.refresh_jitter * rng.random()))
+
+
+def _widest_margin(expires_at: datetime, issued_at: datetime | None, policy: Policy) -> float:
+    """The refresh margin before jitter, in microseconds: the widest any draw can make it."""
+    # In microseconds, as numbers: timedelta times a float is dearer, and this runs for every check.
+    lifetime = (expires_at - issued_at) // _MICROSECOND if issued_at is not None else 0
     margin = max(policy.refresh_margin_floor // _MICROSECOND, lifetime * policy.refresh_margin_fraction)
     # Never plan to refresh before the token was issued: short-lived tokens refresh at mid-life.
     if lifetime > 0:
         margin = min(margin, lifetime / 2)
-    return timedelta(microseconds=margin * (1 - policy.refresh_jitter * rng.random()))
+    return float(margin)
+
+
+def calm_until(expires_at: datetime, issued_at: datetime | None, policy: Policy) -> datetime:
+    """Until when a healthy session (no failure, no uncertain refresh) needs nothing but its group's rounds.
+
+    Its expiry less the widest refresh margin: no jitter draw puts its refresh earlier, so before
+    then :func:`before_check` keeps it, and a check that finds its expiry unchanged is routine
+    (:func:`is_routine`) once this is a check interval away. That is the sweep's fast path: a kept
+    session that is calm for the next interval is decided with no draw and no object made for it
+    (``worker.engine``; ``tests/unit/test_decisions.py`` proves it agrees with the full decision).
+    """
+    return expires_at - timedelta(microseconds=_widest_margin(expires_at, issued_at, policy))
 
 
 _MICROSECOND = timedelta(microseconds=1)

@@ -36,7 +36,7 @@ class _Work:
     """One claimed session. Its tokens are decrypted only when a call to Pangea needs them: a bulk
     answer needs only the active token's id, and Fernet costs more than everything else per session."""
 
-    __slots__ = ("_active", "_cipher", "_facts", "_refresh", "learned_session_id", "session")
+    __slots__ = ("_active", "_cipher", "_facts", "_refresh", "calm_until", "learned_session_id", "session")
 
     def __init__(self, session: queries.ClaimedSession, cipher: crypto.TokenCipher) -> None:
         self.session = session
@@ -46,6 +46,24 @@ class _Work:
         self._facts: decisions.SessionFacts | None = None
         #: Pangea's id of this session, when its session list gave one other than the stored id.
         self.learned_session_id: str | None = None
+        #: For a healthy session, :func:`worker.decisions.calm_until`; None for one with a failure or
+        #: an uncertain refresh (every decision about it is taken in full).
+        self.calm_until: datetime | None = None
+
+    def is_routine_by(self, calm_by: datetime) -> bool:
+        """Whether a check that finds this session's expiry as stored leaves it as it was: nothing to write.
+
+        Healthy, calm until ``calm_by`` (a check interval from now), and on its group's schedule (no
+        claim, no due time of its own). Then the full decision is a routine keep
+        (:func:`worker.decisions.is_routine`), whatever the jitter would draw.
+        """
+        s = self.session
+        return (
+            self.calm_until is not None
+            and self.calm_until >= calm_by
+            and s.claim_token is None
+            and s.next_check_at is None
+        )
 
     @property
     def active_token(self) -> str:
@@ -347,25 +365,37 @@ class SyncEngine:
         ``finishing`` (id: sessions its round went through) are finished instead. Returns the counts,
         and the groups whose leases were still ours (their cursors moved on, or their rounds ended).
         """
+        policy = self._policy
         work = [_Work(s, self._cipher) for s in claimed]
         now = self._clock()
         to_refresh: list[_Work] = []
         to_check: list[_Work] = []
         for w in work:
-            action = decisions.before_check(w.facts, now, self._policy, self._rng)
+            s = w.session
+            if not s.failures and not s.uncertain:
+                w.calm_until = decisions.calm_until(s.active_expires_at, s.active_issued_at, policy)
+                if w.calm_until > now:  # no draw makes its refresh due yet: a check, as before_check says
+                    to_check.append(w)
+                    continue
+            action = decisions.before_check(w.facts, now, policy, self._rng)
             (to_refresh if action is Action.REFRESH else to_check).append(w)
 
         answers = await self._revalidate(to_check, learn=to_refresh)
         now = self._clock()
-        outcome = _Outcome(self._policy)
+        calm_by = now + policy.check_interval
+        outcome = _Outcome(policy)
         for w in to_check:
-            decision = decisions.after_check(w.facts, answers[w.session.id], now, self._policy, self._rng)
+            answer = answers[w.session.id]
+            if answer is _AS_STORED and w.is_routine_by(calm_by):
+                outcome.counts.kept += 1  # the routine check: nothing changed, nothing to write or explain
+                continue
+            decision = decisions.after_check(w.facts, answer, now, policy, self._rng)
             if decision.action is Action.STOP:
                 raise errors.OurTokenRejected("Pangea refused PANGEA_AUTHN_TOKEN; the sweep stopped, changed nothing")
             if decision.action is Action.REFRESH:
                 to_refresh.append(w)
             else:
-                outcome.add(w, decision, answers[w.session.id], checked=True)
+                outcome.add(w, decision, answer, checked=True)
 
         learned = {w.session.id: w.learned_session_id for w in work if w.learned_session_id is not None}
         unmarked = [w.session for w in to_refresh if w.session.claim_token is None]
@@ -445,20 +475,19 @@ class SyncEngine:
             now = self._clock()
             pending = []
             for w in work:
-                item = listed.found.get(w.session.active_token_id)
-                if item is None or item.active_token is None:
+                s = w.session
+                item = listed.found.get(s.active_token_id)
+                if item is None or item.active_expire is None or item.active_expire <= now:
                     pending.append(w)  # missing, or Pangea would not list it: confirm per token before revoking
-                elif item.active_token.expire <= now:
-                    pending.append(w)
+                elif item.active_expire == s.active_expires_at:
+                    answers[s.id] = _AS_STORED
                 else:
-                    answers[w.session.id] = Answer(
-                        verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire
-                    )
+                    answers[s.id] = Answer(verdict=wire.Verdict.VALID, active_expires_at=item.active_expire)
         checks = await asyncio.gather(*(self._guarded(self._check_one(w)) for w in pending))
         answers.update(zip((w.session.id for w in pending), checks, strict=True))
         return answers
 
-    def _learn(self, work: Sequence[_Work], found: dict[str, wire.SessionItem]) -> None:
+    def _learn(self, work: Sequence[_Work], found: dict[str, wire.ListedSession]) -> None:
         """Take Pangea's session ids from a session list; written with the batch's outcome.
 
         The id stored at login is a guess (the refresh token's). A session refreshed before any
@@ -563,7 +592,8 @@ class SyncEngine:
             unlisted = set(listed.unlisted)
             for w in unsure:
                 if w.session.active_token_id not in unlisted:
-                    settled[w.session.id] = _settled(listed.found.get(w.session.active_token_id))
+                    item = listed.found.get(w.session.active_token_id)
+                    settled[w.session.id] = _settled(item.active_expire if item is not None else None)
             # What Pangea would not list even alone is asked one by one, with the user's own token.
             unsure = [w for w in unsure if w.session.active_token_id in unlisted]
         answers = await asyncio.gather(*(self._guarded_settle(w) for w in unsure))
@@ -635,8 +665,8 @@ class SyncEngine:
                 return None, _failed(exc)
             except errors.AuthnError as exc:
                 return None, _failed(exc)
-        mine = next((s for s in page.sessions if s.active_token is not None), None)
-        return _settled(mine)
+        mine = next((s.active_token for s in page.sessions if s.active_token is not None), None)
+        return _settled(mine.expire if mine is not None else None)
 
     async def _take_hold(self, w: _Work) -> tuple[str, int] | None:
         """Take the hold on ``w``'s row before an act at Pangea that cannot be undone; ``(token, version)``.
@@ -928,11 +958,18 @@ class _Outcome:
 _ORPHAN_KEPT = {"action": "orphan_kept"}
 
 
-def _settled(item: wire.SessionItem | None) -> tuple[decisions.Settled, Answer]:
-    """The list's word on one uncertain session: its item if it still carries our active token."""
-    if item is None or item.active_token is None:
+def _settled(active_expire: datetime | None) -> tuple[decisions.Settled, Answer]:
+    """The list's word on one uncertain session: the expiry of our active token if the session still
+    carries it (its listing by that token's id), None if not."""
+    if active_expire is None:
         return decisions.Settled.SPENT, Answer()
-    return decisions.Settled.UNSPENT, Answer(verdict=wire.Verdict.VALID, active_expires_at=item.active_token.expire)
+    return decisions.Settled.UNSPENT, Answer(verdict=wire.Verdict.VALID, active_expires_at=active_expire)
+
+
+#: A bulk answer that lists a session with the expiry it has in the database: Pangea's Success, and
+#: no new expiry to record (``active_expires_at`` None is "as stored" to ``decisions.after_check``).
+#: One object for them all, so the routine check is told apart by identity and costs no allocation.
+_AS_STORED = Answer(verdict=wire.Verdict.VALID)
 
 
 def _stopped(exc: OurTokenRejected) -> Counts:

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 #: What a refusal can cut down: the filter's ids, or the page size.
 IDS, SIZE = "ids", "size"
 
-Fetch = Callable[[list[str], int, str | None], Awaitable[wire.SessionPage]]
+Fetch = Callable[[list[str], int, str | None], Awaitable[wire.ListedPage]]
 
 
 class Limit:
@@ -120,7 +120,7 @@ class Limits:
 class Listed:
     """Sessions found by their active token ids, and the ids Pangea would not list even alone."""
 
-    found: dict[str, wire.SessionItem] = field(default_factory=dict)
+    found: dict[str, wire.ListedSession] = field(default_factory=dict)
     #: Check these one by one (``/v2/client/token/check``): the list cannot answer for them.
     unlisted: list[str] = field(default_factory=list)
 
@@ -158,7 +158,7 @@ async def list_by_ids(ids: Sequence[str], *, fetch: Fetch, limits: Limits) -> Li
     return listed
 
 
-async def _pages(chunk: list[str], *, fetch: Fetch, limits: Limits, into: dict[str, wire.SessionItem]) -> None:
+async def _pages(chunk: list[str], *, fetch: Fetch, limits: Limits, into: dict[str, wire.ListedSession]) -> None:
     """Every page for one chunk of ids; a refusal of the page size alone is learned and retried smaller."""
     last: str | None = None
     while True:
@@ -172,8 +172,8 @@ async def _pages(chunk: list[str], *, fetch: Fetch, limits: Limits, into: dict[s
             raise
         limits.size.accept(size)
         for item in page.sessions:
-            if item.active_token is not None:
-                into[item.active_token.id] = item
+            if item.active_token_id is not None:
+                into[item.active_token_id] = item
         if not page.last or not page.sessions:
             return
         last = page.last

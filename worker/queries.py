@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from worker import db as dbmod
-from worker import leases, models, verification
+from worker import frozen, leases, models, verification
 
 S = models.LocalSession
 _T = cast(sa.Table, models.LocalSession.__table__)
@@ -52,22 +52,21 @@ class ClaimedSession:
     next_check_at: datetime | None = None
 
     @classmethod
-    def from_rows(cls, result: sa.Result[Any], *, verified: datetime | None = None) -> list[ClaimedSession]:
-        """From the rows of a statement on :data:`CLAIM_COLUMNS`, in order.
+    def from_rows(cls, result: sa.Result[Any]) -> list[ClaimedSession]:
+        """From the rows of a statement on :data:`CLAIM_COLUMNS` (or a page's, :func:`_page_columns`).
 
-        ``verified``: a later time Pangea vouched for all of them (their group's last round), folded
-        into ``verified_at`` where it is newer. Keys are read once per result, not per row: a page of
-        a thousand rows is the sweep's dearest Python after the session list's.
+        Built positionally through the slots (:mod:`worker.frozen`): a page of a thousand rows is the
+        sweep's dearest Python after the session list's, and a keyword call per row cost more than
+        the driver's fetch. The columns' names are checked against the fields once per result.
         """
-        keys = tuple(result.keys())
-        made = []
-        for values in result:
-            fields = dict(zip(keys, values, strict=True))
-            if verified is not None and (fields["verified_at"] is None or verified > fields["verified_at"]):
-                fields["verified_at"] = verified
-            made.append(cls(**fields))
-        return made
+        if tuple(result.keys()) != _CLAIMED_FIELDS:
+            raise AssertionError(f"columns {tuple(result.keys())} are not ClaimedSession's fields")
+        make = _make_claimed
+        return [make(*row) for row in result]
 
+
+_make_claimed = frozen.positional(ClaimedSession)
+_CLAIMED_FIELDS = frozen.field_names(ClaimedSession)
 
 CLAIM_COLUMNS = (
     S.id,
@@ -87,13 +86,18 @@ CLAIM_COLUMNS = (
     S.bucket,
     S.next_check_at,
 )
-#: The same for a group's page: the group's own verification time is folded in by the caller
-#: (every session after the cursor was last vouched for by the group's last round at the latest).
-_PAGE_COLUMNS = (
-    *CLAIM_COLUMNS[:12],
-    sa.func.coalesce(S.last_checked_at, S.created_at).label("verified_at"),
-    *CLAIM_COLUMNS[13:],
-)
+
+
+def _page_columns(group_verified_at: datetime | None) -> tuple[Any, ...]:
+    """:data:`CLAIM_COLUMNS` for a group's page: every session after the cursor was last vouched for
+    by the group's last round (``group_verified_at``) at the latest, so that is folded in by the
+    statement; its own record counts when it is later."""
+    own: sa.ColumnElement[datetime] = sa.func.coalesce(S.last_checked_at, S.created_at)
+    if group_verified_at is not None:
+        group = sa.literal(group_verified_at, models.UtcDateTime())
+        own = sa.case((own < group, group), else_=own)
+    verified = sa.type_coerce(own, models.UtcDateTime()).label("verified_at")
+    return (*CLAIM_COLUMNS[:12], verified, *CLAIM_COLUMNS[13:])
 
 
 def claim_due_sessions(
@@ -299,7 +303,7 @@ def group_page(
     this round already.
     """
     stmt = (
-        sa.select(*_PAGE_COLUMNS)
+        sa.select(*_page_columns(group.verified_at))
         .where(
             models.session_is_active(),
             S.next_check_at.is_(None),
@@ -312,7 +316,8 @@ def group_page(
         .order_by(S.bucket, S.id)
         .limit(limit)
     )
-    return ClaimedSession.from_rows(db.execute(stmt), verified=group.verified_at)
+    # On the session's Core connection: the rows are plain tuples, with no ORM loading to pass through.
+    return ClaimedSession.from_rows(db.connection().execute(stmt))
 
 
 def advance_group(

@@ -6,17 +6,16 @@ Pure data in, data out: no I/O here. ``worker.authn`` sends requests and hands t
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
 
-from worker import errors
+from worker import errors, frozen
 
 #: The six keys of every Pangea response, no more, no fewer.
 ENVELOPE_KEYS = frozenset({"request_id", "request_time", "response_time", "status", "summary", "result"})
@@ -280,20 +279,76 @@ class SessionPage:
     @classmethod
     def from_wire(cls, result: object, *, request_id: str) -> SessionPage:
         """A SessionPage from an envelope's ``result``."""
-        obj = _object(result, "result")
-        items = obj.get("sessions")
-        if items is None:
-            items = []
-        if not isinstance(items, list):
-            raise errors.AuthnProtocolError("result.sessions is not a list")
-        last = obj.get("last", "")
-        count = obj.get("count")
-        if not isinstance(last, str) or not (count is None or type(count) is int):
-            raise errors.AuthnProtocolError("result.last or result.count has the wrong type")
+        items, last, count = _page(result)
         sessions = tuple(
             _session_item(s) or SessionItem._checked(s, f"result.sessions[{i}]") for i, s in enumerate(items)
         )
         return cls(sessions=sessions, last=last, count=count, request_id=request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedSession:
+    """One session of a list as the sync reads it: Pangea's id of the session, and its active token's.
+
+    Finding sessions by their active token ids (bulk revalidation, settling an uncertain refresh)
+    reads nothing else of a listed session, so nothing else is parsed or required of it: a page of
+    a thousand :class:`SessionItem` cost about five times what these do (docs/benchmarks.md).
+    """
+
+    #: Pangea's ``pmt_`` id of the session.
+    id: str
+    #: Its current active token's id and expiry; None when it carries no active token.
+    active_token_id: str | None
+    active_expire: datetime | None
+
+    @classmethod
+    def from_wire(cls, data: object, *, where: str) -> ListedSession:
+        """A ListedSession from a decoded JSON object; AuthnProtocolError names the bad field."""
+        fast = _listed_session(data)
+        return fast if fast is not None else cls._checked(data, where)
+
+    @classmethod
+    def _checked(cls, data: object, where: str) -> ListedSession:
+        """:meth:`from_wire` field by field: slower, and it names the field that is wrong."""
+        obj = _object(data, where)
+        id_ = _str(obj, "id", where)
+        if obj.get("active_token") is None:
+            return cls(id_, None, None)
+        token = _object(obj["active_token"], f"{where}.active_token")
+        return cls(id_, _str(token, "id", f"{where}.active_token"), _datetime(token, "expire", f"{where}.active_token"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListedPage:
+    """One page of ``/v2/session/list`` read as :class:`ListedSession` s; ``last`` is "" on the last page."""
+
+    sessions: tuple[ListedSession, ...]
+    last: str
+    request_id: str
+
+    @classmethod
+    def from_wire(cls, result: object, *, request_id: str) -> ListedPage:
+        """A ListedPage from an envelope's ``result``."""
+        items, last, _ = _page(result)
+        sessions = tuple(
+            _listed_session(s) or ListedSession._checked(s, f"result.sessions[{i}]") for i, s in enumerate(items)
+        )
+        return cls(sessions=sessions, last=last, request_id=request_id)
+
+
+def _page(result: object) -> tuple[list[object], str, int | None]:
+    """A list page's ``sessions``, ``last`` and ``count``, their types checked."""
+    obj = _object(result, "result")
+    items = obj.get("sessions")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise errors.AuthnProtocolError("result.sessions is not a list")
+    last = obj.get("last", "")
+    count = obj.get("count")
+    if not isinstance(last, str) or not (count is None or type(count) is int):
+        raise errors.AuthnProtocolError("result.last or result.count has the wrong type")
+    return items, last, count
 
 
 def parse_envelope(body: bytes, *, path: str, header_request_id: str | None) -> Envelope:
@@ -395,25 +450,9 @@ def _profile(value: object, where: str) -> dict[str, str]:
 # their slots. Anything they do not accept (None) goes to the checked path, which names the field.
 
 
-def _positional(cls: type[Any]) -> Callable[..., Any]:
-    """A constructor taking every field of frozen slots dataclass ``cls`` in order, skipping its guard.
-
-    Frozen dataclasses set each field with ``object.__setattr__`` in ``__init__``; this sets the slots
-    through their descriptors, unrolled as ``dataclasses`` itself writes ``__init__`` (its ``exec``).
-    The object is the same: equal, hashable, still frozen to everyone else.
-    """
-    names = [f.name for f in dataclasses.fields(cls)]
-    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    scope |= {f"_set_{n}": getattr(cls, n).__set__ for n in names}
-    lines = [f"def make({', '.join(names)}):", "    o = _new(_cls)"]
-    lines += [f"    _set_{n}(o, {n})" for n in names] + ["    return o"]
-    exec("\n".join(lines), scope)  # our own field names only, as dataclasses does
-    made: Callable[..., Any] = scope["make"]
-    return made
-
-
-_make_token = _positional(TokenInfo)
-_make_item = _positional(SessionItem)
+_make_token = frozen.positional(TokenInfo)
+_make_item = frozen.positional(SessionItem)
+_make_listed = frozen.positional(ListedSession)
 
 
 def _token_info(data: object) -> TokenInfo | None:
@@ -476,3 +515,23 @@ def _session_item(data: object) -> SessionItem | None:
     except ValueError:
         return None
     return cast(SessionItem, _make_item(id_, identity, email, expire_at, created_at, token))
+
+
+def _listed_session(data: object) -> ListedSession | None:
+    """:meth:`ListedSession.from_wire` for well-formed data; None when a field is missing or wrong."""
+    if type(data) is not dict:
+        return None
+    id_, active = data.get("id"), data.get("active_token")
+    if type(id_) is not str:
+        return None
+    if active is None:
+        return cast(ListedSession, _make_listed(id_, None, None))
+    if type(active) is not dict:
+        return None
+    token_id, expire = active.get("id"), active.get("expire")
+    if not (type(token_id) is str and type(expire) is str):
+        return None
+    try:
+        return cast(ListedSession, _make_listed(id_, token_id, _time(expire)))
+    except ValueError:
+        return None

@@ -101,6 +101,30 @@ def test_only_the_sessions_whose_facts_changed_are_written(make_runtime: Any, em
     assert report is not None and [e["action"] for e in report["events"]][:1] == ["revoked"]
 
 
+def test_a_session_whose_expiry_moved_at_pangea_is_written_with_it(make_runtime: Any, emu: RunningEmulator) -> None:
+    rt = make_runtime()
+    # Given healthy sessions on their groups, one of which holds an expiry ten minutes short of Pangea's
+    ids = login_many(rt, emu, [f"moved{i}@example.com" for i in range(6)])
+    on_groups(rt, ids)
+    moved = ids[2]
+    pangea_expiry = row(rt, moved).active_expires_at
+    with rt.sessions.begin() as db:
+        db.execute(sa.update(S).where(S.id == moved).values(active_expires_at=pangea_expiry - timedelta(minutes=10)))
+    before = {r[0]: r for r in snapshot(rt)[0]}
+
+    # When the rounds come round (the session list tells every expiry)
+    groups_due_now(rt)
+    counts = rt.run(rt.engine.drain())
+
+    # Then that session alone is written, with Pangea's expiry, and the change is explained
+    assert (counts.checked, counts.kept, counts.revoked) == (6, 6, 0)
+    after = {r[0]: r for r in snapshot(rt)[0]}
+    assert [sid for sid in ids if after[sid] != before[sid]] == [moved]
+    assert row(rt, moved).active_expires_at == pangea_expiry and row(rt, moved).next_check_at is None
+    report = operations.session_report(rt, moved)
+    assert report is not None and [e["action"] for e in report["events"]][:1] == ["kept"]
+
+
 def test_a_round_left_half_done_resumes_at_its_cursor(make_runtime: Any, emu: RunningEmulator) -> None:
     rt = make_runtime(SESSION_SYNC_BATCH_SIZE="10", SESSION_SYNC_LEASE="30s")
     # Given forty healthy sessions in one group

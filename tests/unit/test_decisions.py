@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -224,3 +225,46 @@ def test_staleness_revokes_only_when_fail_closed_and_past_the_limit(
 def test_a_failed_refresh_stays_uncertain_unless_pangea_refused_it(failure: d.Failure, uncertain: bool) -> None:
     decision = d.after_refresh(facts(), d.Answer.failed(failure), NOW, POLICY, random.Random(1))
     assert decision.action is d.Action.KEEP and decision.uncertain is uncertain
+
+
+class _Draws(random.Random):
+    """A random source that draws the same number every time: the jitter's extremes, on demand."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@given(
+    session_facts,
+    policies,
+    st.timedeltas(min_value=timedelta(seconds=-3), max_value=timedelta(seconds=3)),
+    st.sampled_from([0.0, 0.5, 1 - 2**-53]) | st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_a_calm_session_is_decided_as_the_full_rules_decide_it(
+    session: d.SessionFacts, policy: d.Policy, slack: timedelta, draw: float
+) -> None:
+    # The sweep's fast path (worker.engine) decides a healthy session from calm_until alone: no draw,
+    # no decision object. Around the edge (a check interval before calm_until, give or take the
+    # slack), whatever the jitter draws, the full rules must say the same.
+    healthy = replace(session, failures=0, uncertain=False)
+    calm = d.calm_until(healthy.active_expires_at, healthy.active_issued_at, policy)
+    for now in (calm - policy.check_interval + slack, calm + slack):
+        if calm > now:  # not yet inside its margin: checked, never refreshed first
+            assert d.before_check(healthy, now, policy, _Draws(draw)) is d.Action.KEEP
+        if calm >= now + policy.check_interval:  # its expiry as stored: a routine keep, nothing to write
+            decision = d.after_check(healthy, d.Answer(verdict=wire.Verdict.VALID), now, policy, _Draws(draw))
+            assert d.is_routine(decision, healthy, now, policy)
+            assert decision.active_expires_at == healthy.active_expires_at
+            assert not decision.drop_refresh_token and decision.failures == 0
+
+
+def test_calm_until_is_the_earliest_refresh_any_draw_plans() -> None:
+    # A one-hour token (fraction 0.1: a six-minute margin, less up to a quarter of it at random)
+    token = facts(active_issued_at=NOW, active_expires_at=NOW + timedelta(hours=1))
+    calm = d.calm_until(token.active_expires_at, token.active_issued_at, POLICY)
+    assert calm == NOW + timedelta(minutes=54)
+    assert min(d.refresh_due_at(token, POLICY, _Draws(x)) for x in (0.0, 0.3, 0.99)) == calm

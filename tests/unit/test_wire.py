@@ -143,7 +143,9 @@ _token_like = st.fixed_dictionaries(
 )
 
 
-def _both(cls: type[wire.TokenInfo] | type[wire.SessionItem], data: object) -> tuple[object, object]:
+def _both(
+    cls: type[wire.TokenInfo] | type[wire.SessionItem] | type[wire.ListedSession], data: object
+) -> tuple[object, object]:
     """What ``cls.from_wire`` and the checked path make of ``data`` (an error as its type)."""
     results: list[object] = []
     for parse in (lambda: cls.from_wire(data, where="result"), lambda: cls._checked(data, "result")):
@@ -170,3 +172,40 @@ def test_the_fast_token_parser_agrees_with_the_checked_one(data: dict[str, objec
 def test_the_fast_session_parser_agrees_with_the_checked_one(data: dict[str, object]) -> None:
     fast, checked = _both(wire.SessionItem, data)
     assert fast == checked
+
+
+_listed_like = st.fixed_dictionaries(
+    {}, optional={"id": _values, "active_token": st.one_of(st.none(), st.just(TOKEN), _token_like, _values)}
+)
+
+
+@given(st.one_of(_listed_like, st.builds(lambda extra: {"id": "pmt_s", "active_token": TOKEN} | extra, _listed_like)))
+def test_the_listed_session_parsers_agree_and_read_only_what_the_sync_needs(data: dict[str, object]) -> None:
+    fast, checked = _both(wire.ListedSession, data)
+    assert fast == checked
+    # A session the full parser accepts is listed with the same id and active token
+    try:
+        full = wire.SessionItem.from_wire(data, where="result")
+    except errors.AuthnProtocolError:
+        return
+    assert isinstance(fast, wire.ListedSession) and fast.id == full.id
+    token = full.active_token
+    assert (fast.active_token_id, fast.active_expire) == ((token.id, token.expire) if token else (None, None))
+
+
+def test_a_listed_page_ignores_what_it_does_not_read_and_names_what_it_cannot() -> None:
+    # Fields the sync never reads may be missing or of any shape: a Pangea that adds, drops or retypes
+    # them still answers for its sessions
+    sparse = {"id": "pmt_s", "email": 7, "active_token": {"id": "pmt_a", "expire": "2026-11-29T10:00:00.5Z"}}
+    page = wire.ListedPage.from_wire({"sessions": [sparse, {"id": "pmt_t"}], "last": "c"}, request_id="prq_x")
+    assert [(s.id, s.active_token_id) for s in page.sessions] == [("pmt_s", "pmt_a"), ("pmt_t", None)]
+    assert page.sessions[0].active_expire is not None and page.sessions[0].active_expire.microsecond == 500000
+    assert page.last == "c" and page.request_id == "prq_x"
+    # What it does read is checked, and a bad one is named
+    bad = {"sessions": [sparse, {"id": "pmt_u", "active_token": {"id": "pmt_b", "expire": "soon"}}]}
+    with pytest.raises(errors.AuthnProtocolError, match=r"result\.sessions\[1\]\.active_token\.expire"):
+        wire.ListedPage.from_wire(bad, request_id="prq_x")
+    with pytest.raises(errors.AuthnProtocolError, match=r"result\.sessions\[0\]\.id"):
+        wire.ListedPage.from_wire({"sessions": [{"active_token": None}]}, request_id="prq_x")
+    with pytest.raises(errors.AuthnProtocolError, match=r"result\.sessions is not a list"):
+        wire.ListedPage.from_wire({"sessions": {}}, request_id="prq_x")
