@@ -52,6 +52,7 @@ import sqlalchemy as sa
 
 from benchmarks import pgcluster, seed
 from worker import crypto, emulator
+from worker.settings import Settings
 
 PATHS = ("bulk", "per_token", "refresh", "baseline")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -97,7 +98,12 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--latency-ms", type=int, default=50, help="emulator latency per request")
     p.add_argument("--batch-size", type=int, default=1000, help="SESSION_SYNC_BATCH_SIZE")
     p.add_argument("--concurrency", type=int, default=128, help="SESSION_SYNC_CONCURRENCY")
-    p.add_argument("--batches-in-flight", type=int, default=3, help="SESSION_SYNC_BATCHES_IN_FLIGHT")
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=Settings.model_fields["batches_in_flight"].default,  # the product's own default
+        help="SESSION_SYNC_BATCHES_IN_FLIGHT",
+    )
     p.add_argument("--port", type=int, default=0, help="emulator port (0: a free one)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the sweep and the emulator into DIR (slows them)")
     a = p.parse_args(argv)

@@ -204,8 +204,12 @@ class AuthnClient:
         async def fetch(chunk: list[str], size: int, last: str | None) -> wire.ListedPage:
             if pace is not None:
                 await pace()
-            env = await self._call(path, _list_body({"active_token_id__in": chunk}, {"size": size, "last": last}))
-            return wire.ListedPage.from_wire(self._expect_success(env, path), request_id=env.request_id)
+            body = _list_body({"active_token_id__in": chunk}, {"size": size, "last": last})
+            env = await self._call(path, body, decode=wire.decode_listed_page)
+            result = self._expect_success(env, path)
+            if isinstance(result, wire.ListedPage):  # decoded already
+                return result
+            return wire.ListedPage.from_wire(result, request_id=env.request_id)
 
         return await list_limits.list_by_ids(token_ids, fetch=fetch, limits=self._limits)
 
@@ -277,13 +281,18 @@ class AuthnClient:
         idempotent: bool = True,
         timeout: float | None = None,
         retry: bool = True,
+        decode: wire.Decode | None = None,
     ) -> wire.Envelope:
-        """POST once or more (per the retry policy; once only without ``retry``) and return the envelope."""
+        """POST once or more (per the retry policy; once only without ``retry``) and return the envelope.
+
+        ``decode`` reads an HTTP 200 answer of the shape the endpoint expects straight into its result
+        (:func:`worker.wire.decode_listed_page`); anything it does not take is parsed the general way.
+        """
         retried_ids: list[str] = []
         try:
             # The first attempt runs outside tenacity: nearly every call succeeds at once, and a
             # retry loop built per call cost more CPU than the rest of our side of it.
-            return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout)
+            return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout, decode=decode)
         except errors.AuthnError as exc:
             if (
                 not retry
@@ -302,7 +311,9 @@ class AuthnClient:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._post_once(path, body, retried_ids, idempotent=idempotent, timeout=timeout)
+                return await self._post_once(
+                    path, body, retried_ids, idempotent=idempotent, timeout=timeout, decode=decode
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post_once(
@@ -313,6 +324,7 @@ class AuthnClient:
         *,
         idempotent: bool,
         timeout: float | None,
+        decode: wire.Decode | None = None,
     ) -> wire.Envelope:
         headers = self._headers
         if retried_ids:
@@ -332,7 +344,7 @@ class AuthnClient:
         header_id = response.headers.get("x-request-id")
         if header_id:
             retried_ids.append(header_id)
-        return _classify(response, content, path, header_id, idempotent=idempotent)
+        return _classify(response, content, path, header_id, idempotent=idempotent, decode=decode)
 
     async def _post(
         self, path: str, content: bytes, headers: list[tuple[str, str]], timeout: float | None
@@ -401,7 +413,13 @@ def _refused(env: wire.Envelope, path: str) -> errors.AuthnRequestRejected:
 
 
 def _classify(
-    response: httpx.Response, content: bytes | None, path: str, header_id: str | None, *, idempotent: bool
+    response: httpx.Response,
+    content: bytes | None,
+    path: str,
+    header_id: str | None,
+    *,
+    idempotent: bool,
+    decode: wire.Decode | None = None,
 ) -> wire.Envelope:
     """The envelope of an answer Pangea gave for itself; every failure to get one raised by class.
 
@@ -421,8 +439,10 @@ def _classify(
         if media_type != "application/json":
             problem = f"{path}: answer labelled {media_type or 'nothing'!r}, not application/json"
         else:
+            if decode is not None and code == 200:
+                env = decode(content)  # the expected Success, read in one pass; else None
             try:
-                env = wire.parse_envelope(content, path=path, header_request_id=header_id)
+                env = env or wire.parse_envelope(content, path=path, header_request_id=header_id)
             except errors.AuthnProtocolError as exc:
                 problem = str(exc)
     outcome = wire.outcome_of(code, env.status if env else None)

@@ -51,7 +51,7 @@ def create_engine(url: str, *, sqlite_foreign_keys: bool = True) -> sa.Engine:
     for migrations, which rebuild tables), and SQLAlchemy in charge of ``BEGIN`` so that every
     statement, DDL included, runs in a real transaction and ``BEGIN IMMEDIATE`` is available
     through the :data:`SQLITE_BEGIN` execution option (see :func:`session_factory`).
-    PostgreSQL: connections are checked before use (``pool_pre_ping``).
+    PostgreSQL: connections are checked before use (``pool_pre_ping``) and speak UTC.
     """
     url = normalize_url(url)
     if not is_sqlite(url):
@@ -59,7 +59,23 @@ def create_engine(url: str, *, sqlite_foreign_keys: bool = True) -> sa.Engine:
         connect_args: dict[str, Any] = {}
         if "application_name" not in parsed.query:
             connect_args["application_name"] = DEFAULT_APPLICATION_NAME
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        pg = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+        @event.listens_for(pg, "connect")
+        def _in_utc(dbapi_connection: Any, connection_record: Any) -> None:
+            # The driver returns timestamps in the connection's time zone. In UTC they are already
+            # what models.UtcDateTime hands out, with no conversion per value; any zone reads the
+            # same instants, so a server or a pooler that keeps another one changes nothing else.
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SET TIME ZONE 'UTC'")
+            finally:
+                cursor.close()
+                dbapi_connection.autocommit = autocommit
+
+        return pg
 
     engine = sa.create_engine(url)
     pragmas = [

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker import errors, wire
@@ -215,7 +215,21 @@ def calm_until(expires_at: datetime, issued_at: datetime | None, policy: Policy)
     session that is calm for the next interval is decided with no draw and no object made for it
     (``worker.engine``; ``tests/unit/test_decisions.py`` proves it agrees with the full decision).
     """
-    return expires_at - timedelta(microseconds=_widest_margin(expires_at, issued_at, policy))
+    return expires_at - widest_margin(expires_at - issued_at if issued_at is not None else None, policy)
+
+
+def widest_margin(lifetime: timedelta | None, policy: Policy) -> timedelta:
+    """The refresh margin of a token of this ``lifetime`` (None: unknown) before jitter: its widest.
+
+    A function of the lifetime alone, so a caller deciding many sessions minted alike may keep it
+    per lifetime (``worker.engine``) instead of working it out for each.
+    """
+    if lifetime is None:
+        return timedelta(microseconds=_widest_margin(_EPOCH, None, policy))
+    return timedelta(microseconds=_widest_margin(_EPOCH + lifetime, _EPOCH, policy))
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 _MICROSECOND = timedelta(microseconds=1)

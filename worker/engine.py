@@ -367,18 +367,7 @@ class SyncEngine:
         """
         policy = self._policy
         work = [_Work(s, self._cipher) for s in claimed]
-        now = self._clock()
-        to_refresh: list[_Work] = []
-        to_check: list[_Work] = []
-        for w in work:
-            s = w.session
-            if not s.failures and not s.uncertain:
-                w.calm_until = decisions.calm_until(s.active_expires_at, s.active_issued_at, policy)
-                if w.calm_until > now:  # no draw makes its refresh due yet: a check, as before_check says
-                    to_check.append(w)
-                    continue
-            action = decisions.before_check(w.facts, now, policy, self._rng)
-            (to_refresh if action is Action.REFRESH else to_check).append(w)
+        to_check, to_refresh = self._sort_out(work, self._clock())
 
         answers = await self._revalidate(to_check, learn=to_refresh)
         now = self._clock()
@@ -427,6 +416,33 @@ class SyncEngine:
         if to_refresh:
             counts.add(await self._refresh_all(to_refresh, confirm_revocations=confirm_revocations))
         return counts, ours
+
+    def _sort_out(self, work: list[_Work], now: datetime) -> tuple[list[_Work], list[_Work]]:
+        """The batch's sessions to check, and those to refresh at once (inside their refresh margin).
+
+        A healthy session is given its :func:`worker.decisions.calm_until`; one calm now is a check
+        whatever the jitter would draw, so it takes no draw. The widest margin is kept per token
+        lifetime: a batch's tokens are mostly minted alike.
+        """
+        policy = self._policy
+        to_check: list[_Work] = []
+        to_refresh: list[_Work] = []
+        margins: dict[timedelta | None, timedelta] = {}
+        for w in work:
+            s = w.session
+            if not s.failures and not s.uncertain:
+                issued = s.active_issued_at
+                lifetime = s.active_expires_at - issued if issued is not None else None
+                margin = margins.get(lifetime)
+                if margin is None:
+                    margin = margins[lifetime] = decisions.widest_margin(lifetime, policy)
+                w.calm_until = s.active_expires_at - margin
+                if w.calm_until > now:
+                    to_check.append(w)
+                    continue
+            action = decisions.before_check(w.facts, now, policy, self._rng)
+            (to_refresh if action is Action.REFRESH else to_check).append(w)
+        return to_check, to_refresh
 
     async def _in_transaction(self, work: Callable[[orm.Session], T]) -> T:
         """Run ``work`` in one short transaction of its own.

@@ -153,7 +153,10 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
+        tz = value.tzinfo
+        if tz is UTC:  # PostgreSQL on our engine's connections (worker.db: TimeZone=UTC): as it is
+            return value
+        if tz is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
 

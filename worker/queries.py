@@ -62,7 +62,7 @@ class ClaimedSession:
         if tuple(result.keys()) != _CLAIMED_FIELDS:
             raise AssertionError(f"columns {tuple(result.keys())} are not ClaimedSession's fields")
         make = _make_claimed
-        return [make(*row) for row in result]
+        return [make(*row) for row in result.all()]  # all(): one fetch, not one per row
 
 
 _make_claimed = frozen.positional(ClaimedSession)
