@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from worker import errors, wire
@@ -191,18 +191,20 @@ def is_routine(decision: Decision, facts: SessionFacts, now: datetime, policy: P
 
 def refresh_margin(facts: SessionFacts, policy: Policy, rng: random.Random) -> timedelta:
     """How long before expiry to refresh: max(floor, fraction of lifetime), less random jitter."""
-    margin = _widest_margin(facts.active_expires_at, facts.active_issued_at, policy)
+    issued = facts.active_issued_at
+    margin = _widest_margin(facts.active_expires_at - issued if issued is not None else None, policy)
     return timedelta(microseconds=margin * (1 - policy.refresh_jitter * rng.random()))
 
 
-def _widest_margin(expires_at: datetime, issued_at: datetime | None, policy: Policy) -> float:
-    """The refresh margin before jitter, in microseconds: the widest any draw can make it."""
+def _widest_margin(lifetime: timedelta | None, policy: Policy) -> float:
+    """The refresh margin of a token of this ``lifetime`` (None: unknown) before jitter, in microseconds:
+    the widest any draw can make it."""
     # In microseconds, as numbers: timedelta times a float is dearer, and this runs for every check.
-    lifetime = (expires_at - issued_at) // _MICROSECOND if issued_at is not None else 0
-    margin = max(policy.refresh_margin_floor // _MICROSECOND, lifetime * policy.refresh_margin_fraction)
+    span = lifetime // _MICROSECOND if lifetime is not None else 0
+    margin = max(policy.refresh_margin_floor // _MICROSECOND, span * policy.refresh_margin_fraction)
     # Never plan to refresh before the token was issued: short-lived tokens refresh at mid-life.
-    if lifetime > 0:
-        margin = min(margin, lifetime / 2)
+    if span > 0:
+        margin = min(margin, span / 2)
     return float(margin)
 
 
@@ -215,21 +217,29 @@ def calm_until(expires_at: datetime, issued_at: datetime | None, policy: Policy)
     session that is calm for the next interval is decided with no draw and no object made for it
     (``worker.engine``; ``tests/unit/test_decisions.py`` proves it agrees with the full decision).
     """
-    return expires_at - widest_margin(expires_at - issued_at if issued_at is not None else None, policy)
+    return CalmBounds(policy).until(expires_at, issued_at)
 
 
-def widest_margin(lifetime: timedelta | None, policy: Policy) -> timedelta:
-    """The refresh margin of a token of this ``lifetime`` (None: unknown) before jitter: its widest.
+class CalmBounds:
+    """:func:`calm_until` for many sessions under one policy, the widest margin kept per token lifetime.
 
-    A function of the lifetime alone, so a caller deciding many sessions minted alike may keep it
-    per lifetime (``worker.engine``) instead of working it out for each.
+    A batch's tokens are mostly minted alike, so the margin is worked out once per lifetime, not per
+    session. Keep one for a batch: it holds every lifetime it was asked about.
     """
-    if lifetime is None:
-        return timedelta(microseconds=_widest_margin(_EPOCH, None, policy))
-    return timedelta(microseconds=_widest_margin(_EPOCH + lifetime, _EPOCH, policy))
 
+    __slots__ = ("_margins", "_policy")
 
-_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._margins: dict[timedelta | None, timedelta] = {}
+
+    def until(self, expires_at: datetime, issued_at: datetime | None) -> datetime:
+        """:func:`calm_until` of a session whose active token expires at ``expires_at``."""
+        lifetime = expires_at - issued_at if issued_at is not None else None
+        margin = self._margins.get(lifetime)
+        if margin is None:
+            margin = self._margins[lifetime] = timedelta(microseconds=_widest_margin(lifetime, self._policy))
+        return expires_at - margin
 
 
 _MICROSECOND = timedelta(microseconds=1)

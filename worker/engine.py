@@ -421,22 +421,16 @@ class SyncEngine:
         """The batch's sessions to check, and those to refresh at once (inside their refresh margin).
 
         A healthy session is given its :func:`worker.decisions.calm_until`; one calm now is a check
-        whatever the jitter would draw, so it takes no draw. The widest margin is kept per token
-        lifetime: a batch's tokens are mostly minted alike.
+        whatever the jitter would draw, so it takes no draw.
         """
         policy = self._policy
         to_check: list[_Work] = []
         to_refresh: list[_Work] = []
-        margins: dict[timedelta | None, timedelta] = {}
+        calm = decisions.CalmBounds(policy)
         for w in work:
             s = w.session
             if not s.failures and not s.uncertain:
-                issued = s.active_issued_at
-                lifetime = s.active_expires_at - issued if issued is not None else None
-                margin = margins.get(lifetime)
-                if margin is None:
-                    margin = margins[lifetime] = decisions.widest_margin(lifetime, policy)
-                w.calm_until = s.active_expires_at - margin
+                w.calm_until = calm.until(s.active_expires_at, s.active_issued_at)
                 if w.calm_until > now:
                     to_check.append(w)
                     continue
