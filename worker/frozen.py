@@ -20,7 +20,7 @@ def positional(cls: type[Any]) -> Callable[..., Any]:
     The object is the same: equal, hashable, still frozen to everyone else. No default is applied
     and nothing is checked: the caller passes every field, in the order :func:`dataclasses.fields` gives.
     """
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = field_names(cls)
     scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
     scope |= {f"_set_{n}": getattr(cls, n).__set__ for n in names}
     lines = [f"def make({', '.join(names)}):", "    o = _new(_cls)"]
