@@ -51,7 +51,7 @@ import httpx
 import sqlalchemy as sa
 
 from benchmarks import pgcluster, seed
-from worker import crypto, emulator
+from worker import crypto, emulator, forks
 from worker.settings import Settings
 
 PATHS = ("bulk", "per_token", "refresh", "baseline")
@@ -73,6 +73,7 @@ class Options:
     batch_size: int
     concurrency: int
     batches_in_flight: int
+    processes: int | None
     port: int
     profile: str | None
 
@@ -104,6 +105,7 @@ def parse(argv: list[str] | None = None) -> Options:
         default=Settings.model_fields["batches_in_flight"].default,  # the product's own default
         help="SESSION_SYNC_BATCHES_IN_FLIGHT",
     )
+    p.add_argument("--processes", type=int, help="sweep --once --processes (default: the product's own choice)")
     p.add_argument("--port", type=int, default=0, help="emulator port (0: a free one)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the sweep and the emulator into DIR (slows them)")
     a = p.parse_args(argv)
@@ -117,6 +119,7 @@ def parse(argv: list[str] | None = None) -> Options:
         batch_size=a.batch_size,
         concurrency=a.concurrency,
         batches_in_flight=a.batches_in_flight,
+        processes=a.processes,
         port=a.port,
         profile=a.profile,
     )
@@ -296,14 +299,15 @@ def settings_env(o: Options, db_url: str, base_url: str, key: str) -> dict[str, 
     }
 
 
-def sweep_command(path: str) -> list[str]:
+def sweep_command(path: str, processes: int | None = None) -> list[str]:
     """``session-sync sweep --once --json`` (the installed script beside this interpreter), or the baseline."""
     if path == "baseline":
         return [sys.executable, "-m", "benchmarks.baseline"]
+    args = ["sweep", "--once", "--json", *([f"--processes={processes}"] if processes else [])]
     script = os.path.join(os.path.dirname(sys.executable), "session-sync")
     if os.path.exists(script):
-        return [script, "sweep", "--once", "--json"]
-    return [sys.executable, "-c", "from worker.cli import main; main()", "sweep", "--once", "--json"]
+        return [script, *args]
+    return [sys.executable, "-c", "from worker.cli import main; main()", *args]
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +329,7 @@ def run_sweep(command: list[str], env: dict[str, str], profile: str | None, emu_
         os.makedirs(profile, exist_ok=True)
         # --gil: only the thread holding the GIL is sampled, so threads waiting on a queue or a socket
         # (the database threads, the event loop in select) do not pass for CPU.
-        record = [spy, "record", "--gil", "-r", "250", "-f", "raw"]
+        record = [spy, "record", "--subprocesses", "--gil", "-r", "250", "-f", "raw"]
         command = [*record, "-o", f"{profile}/sweep.txt", "--", *command]
         emu_spy = subprocess.Popen(
             [*record, "-o", f"{profile}/emulator.txt", "--pid", str(emu_pid)],
@@ -384,7 +388,7 @@ def run(o: Options) -> dict[str, Any]:
             checkpoint_and_reset(pg.url)
             before = read_db(db_url)
             emu0, pg0 = cpu_seconds(emu_pid), pg.cpu_seconds()
-            measured = run_sweep(sweep_command(o.path), env, o.profile, emu_pid)
+            measured = run_sweep(sweep_command(o.path, o.processes), env, o.profile, emu_pid)
             after = read_db(db_url)
             emu1, pg1 = cpu_seconds(emu_pid), pg.cpu_seconds()
             stats = admin.stats()["requests"]
@@ -428,7 +432,10 @@ def _result(
         "sessions_per_s_in_sweep": round(o.sessions / inner, 1) if inner else None,
         "worker_cpu_s": round(m.cpu, 3),
         "worker_cpu_us_per_session": round(m.cpu / o.sessions * 1e6, 1),
-        "peak_rss_mb": round(m.max_rss_kb / 1024, 1),
+        "peak_rss_mb": round(m.max_rss_kb / 1024, 1),  # of the largest of the sweep's processes
+        "sweep_processes": None
+        if o.path == "baseline"
+        else o.processes or forks.default_processes(Settings.from_env(env)),
         "wal_bytes": wal,
         "wal_bytes_per_check": round(wal / checked, 2),
         "rows_written": rows,

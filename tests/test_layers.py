@@ -71,7 +71,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The two loops that call Pangea: revalidation and logout delivery.
     "work": ("worker.engine", "worker.outbox"),
     # One process's resources and what a task or a command does with them.
-    "process": ("worker.runtime", "worker.operations", "worker.exporter", "worker.checks"),
+    "process": ("worker.runtime", "worker.forks", "worker.operations", "worker.exporter", "worker.checks"),
     # A separate program (tests, demos, benchmarks): imports only itself; the CLI and the demo serve it.
     "emulator": (
         "worker.emulator",

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import click
 
-from worker import checks, cli_outbox, cli_support, errors, logs, operations, progress, runtime
+from worker import checks, cli_outbox, cli_support, errors, forks, logs, operations, progress, runtime
 from worker import db as dbmod
 from worker.reports import SessionReport, StatusReport
 
@@ -123,13 +123,18 @@ def worker(loglevel: str, pool: str | None, concurrency: int | None) -> None:
 
 @main.command()
 @click.option("--once", is_flag=True, required=True, help="Run one whole sweep in this process (no broker).")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    help="Processes sharing the sweep. Default: the cores, up to 4, on PostgreSQL with a shared rate limit; else 1.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @clear_errors
-def sweep(once: bool, as_json: bool) -> None:
-    """Check every due session now, in this process: for cron, or when no broker runs."""
+def sweep(once: bool, processes: int | None, as_json: bool) -> None:
+    """Check every due session now, without a broker: for cron, or when no broker runs."""
     rt = _runtime()
     try:
-        counts = operations.sweep_once(rt)
+        counts = operations.sweep_once(rt, processes=processes or forks.default_processes(rt.settings))
     finally:
         rt.close()
     _print_counts(counts, as_json)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from worker import audit, errors, guard, metrics, models, outbox_queries, queries, sweeps, verification
+from worker import audit, errors, forks, guard, metrics, models, outbox_queries, queries, sweeps, verification
 from worker.counts import FanoutResult, HousekeepingResult, LogoutCountsDict, SweepResult, SyncCountsDict
 from worker.reports import AuditEntry, SessionReport, StatusReport
 from worker.runtime import Runtime
@@ -62,13 +62,14 @@ def check_batch(rt: Runtime, *, slot: str | None = None) -> SyncCountsDict:
     return counts
 
 
-def sweep_once(rt: Runtime) -> SyncCountsDict:
-    """One whole sweep in this process, no broker (cron): every due session, batch after batch."""
+def sweep_once(rt: Runtime, *, processes: int = 1) -> SyncCountsDict:
+    """One whole sweep, no broker (cron): every due session, batch after batch, on ``processes`` processes."""
+    forks.check_processes(rt.settings, processes)  # refused before the slot is taken
     at = rt.clock()
     slot = sweeps.slot_of(at, rt.settings.sweep_period)
     with rt.sessions.begin() as db:
         claimed = sweeps.claim_slot(db, slot=slot, now=at, kind="once")
-    counts = rt.run(rt.engine.drain()).as_dict()
+    counts = forks.drain(rt, processes).as_dict()
     if claimed:
         with rt.sessions.begin() as db:
             sweeps.add_counts(db, slot=slot, counts=counts, now=rt.clock())

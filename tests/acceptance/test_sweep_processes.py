@@ -1,0 +1,228 @@
+"""``session-sync sweep --once`` on several processes: the work shared, every session checked once.
+
+The CLI as cron runs it, on PostgreSQL against the emulator (a real server). Per-token checks, so
+that the emulator's request count is the number of checks: a session checked twice or skipped
+shows in it. The processes are read from ``/proc`` while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.acceptance import harness
+from tests.conftest import RunningEmulator
+from tests.helpers import env_for, login_many, requests, settings_for
+from worker import forks, models, queries, runtime
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+CHECK = "/v2/client/token/check"
+SESSIONS = 120
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid``, from ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _sweep(env: dict[str, str], workdir: Path, *args: str) -> subprocess.Popen[str]:
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(workdir), **env}
+    return subprocess.Popen(
+        [str(harness.BIN / "session-sync"), "sweep", "--once", "--json", *args],
+        cwd=workdir,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _seeded(pg_url: str, emu: RunningEmulator) -> list[int]:
+    """SESSIONS healthy sessions, all due for a check."""
+    rt = runtime.Runtime(settings_for(pg_url, emu, SESSION_SYNC_REVALIDATION="per_token"))
+    try:
+        ids = login_many(rt, emu, [f"p{i}@example.com" for i in range(SESSIONS)])
+        with rt.sessions.begin() as db:
+            queries.make_due(db, now=rt.clock(), session_ids=ids)
+    finally:
+        rt.close()
+    return ids
+
+
+def _checked_since(pg_url: str, ids: list[int], since: Any) -> int:
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as db:
+            S = models.LocalSession
+            return int(
+                db.execute(sa.select(sa.func.count()).where(S.id.in_(ids), S.last_checked_at >= since)).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def _database_now(pg_url: str) -> Any:
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as db:
+            return db.execute(sa.text("select now()")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_sweep_on_two_processes_checks_every_session_once(pg_url: str, emu: RunningEmulator, tmp_path: Path) -> None:
+    # Given healthy sessions due for a check, and a Pangea slow enough to watch the sweep at work
+    ids = _seeded(pg_url, emu)
+    env = env_for(
+        pg_url, emu, SESSION_SYNC_REVALIDATION="per_token", SESSION_SYNC_BATCH_SIZE="10", SESSION_SYNC_CONCURRENCY="4"
+    )
+    emu.admin.faults(latency_ms=100, paths=[CHECK])
+    before, started = requests(emu, CHECK), _database_now(pg_url)
+
+    # When cron runs one sweep on two processes
+    sweep = _sweep(env, tmp_path, "--processes", "2")
+    seen: set[int] = set()
+    while sweep.poll() is None:
+        seen.update(_children(sweep.pid))
+        time.sleep(0.05)
+    out, err = sweep.communicate()
+
+    # Then two processes shared it, and each session was checked once: none twice, none skipped
+    assert sweep.returncode == 0, err
+    assert len(seen) >= 2, f"sweep processes seen: {seen}"
+    counts = json.loads(out)
+    assert (counts["checked"], counts["kept"], counts["failed"], counts["revoked"]) == (SESSIONS, SESSIONS, 0, 0)
+    assert requests(emu, CHECK) - before == SESSIONS
+    assert _checked_since(pg_url, ids, started) == SESSIONS
+    assert _children(sweep.pid) == []
+
+
+def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sweep(
+    pg_url: str, emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # Given healthy sessions due, a slow Pangea and a short lease
+    ids = _seeded(pg_url, emu)
+    env = env_for(
+        pg_url,
+        emu,
+        SESSION_SYNC_REVALIDATION="per_token",
+        SESSION_SYNC_BATCH_SIZE="10",
+        SESSION_SYNC_CONCURRENCY="10",  # a batch is checked well within its lease
+        SESSION_SYNC_BATCHES_IN_FLIGHT="1",
+        SESSION_SYNC_LEASE="3s",
+    )
+    emu.admin.faults(latency_ms=200, paths=[CHECK])
+    started = _database_now(pg_url)
+
+    # When one of the sweep's processes is killed mid-sweep
+    sweep = _sweep(env, tmp_path, "--processes", "2")
+    harness.wait_for(lambda: len(_children(sweep.pid)) == 2, timeout=60, what="two sweep processes", every=0.02)
+    victim = _children(sweep.pid)[0]
+    harness.wait_for(lambda: requests(emu, CHECK) > 0, timeout=60, what="checks under way", every=0.02)
+    os.kill(victim, signal.SIGKILL)
+    out, err = sweep.communicate(timeout=120)
+
+    # Then the sweep says so in one line and fails, with no traceback
+    assert sweep.returncode == 1, (out, err)
+    assert "ended without its counts (killed by signal 9)" in err and "Traceback" not in err
+
+    # ... and once its lease lapses, the next sweep checks what it held
+    emu.admin.clear_faults()
+    time.sleep(3.5)
+    again = harness.run_cli(env, tmp_path, "sweep", "--once", "--json", "--processes", "2")
+    assert again.returncode == 0, again.stderr
+    assert _checked_since(pg_url, ids, started) == SESSIONS
+
+
+def test_a_sweep_stopped_by_its_parent_leaves_no_process_behind(
+    pg_url: str, emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # Given a sweep on two processes, at work on a slow Pangea
+    _seeded(pg_url, emu)
+    env = env_for(
+        pg_url,
+        emu,
+        SESSION_SYNC_REVALIDATION="per_token",
+        SESSION_SYNC_BATCH_SIZE="5",
+        SESSION_SYNC_CONCURRENCY="1",  # a minute of work for each process
+        SESSION_SYNC_BATCHES_IN_FLIGHT="1",
+    )
+    emu.admin.faults(latency_ms=1000, paths=[CHECK])
+    sweep = _sweep(env, tmp_path, "--processes", "2")
+    harness.wait_for(lambda: len(_children(sweep.pid)) == 2, timeout=60, what="two sweep processes", every=0.02)
+    children = _children(sweep.pid)
+
+    # When cron's timeout kills the command it started (the parent only)
+    sweep.send_signal(signal.SIGTERM)
+    sweep.communicate(timeout=30)
+
+    # Then its processes end with it
+    harness.wait_for(
+        lambda: not any(Path(f"/proc/{c}").exists() and "Z" not in _state(c) for c in children),
+        timeout=20,
+        what="the sweep's processes to end",
+    )
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def test_more_processes_than_the_settings_allow_is_a_clear_error_that_sweeps_nothing(tmp_path: Path) -> None:
+    # Given a SQLite database (one writer) and a Pangea nobody answers at
+    db = tmp_path / "app.db"
+    env = env_for(f"sqlite:///{db}", "http://127.0.0.1:9", token="pts_x")
+    assert harness.run_cli(env, tmp_path, "db", "upgrade").returncode == 0
+    before = db.read_bytes()
+    # When an operator asks for two processes
+    result = harness.run_cli(env, tmp_path, "sweep", "--once", "--processes", "2")
+    # Then one line says why not, and nothing was written (not even the sweep's slot)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "session-sync: configuration error: --processes: SQLite takes one writer: a sweep on it runs in one process"
+    )
+    assert db.read_bytes() == before
+
+
+def _settings(url: str, **extra: str) -> Settings:
+    return Settings.from_env(env_for(url, "http://127.0.0.1:9", token="pts_x", **extra))
+
+
+def test_a_sweep_takes_the_cores_only_where_its_processes_share_one_rate_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pg = "postgresql://u@127.0.0.1:5432/db"
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert forks.default_processes(_settings(pg)) == forks.MAX_DEFAULT  # the database holds the bucket
+    assert forks.default_processes(_settings(pg, CELERY_BROKER_URL="redis://127.0.0.1:6379/0")) == forks.MAX_DEFAULT
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert forks.default_processes(_settings(pg)) == 2
+    # A bucket each would send the rate once per process; SQLite has one writer
+    assert forks.default_processes(_settings(pg, SESSION_SYNC_RATE_LIMIT_STORE="local")) == 1
+    assert forks.default_processes(_settings(f"sqlite:///{tmp_path / 'a.db'}")) == 1
+    with pytest.raises(Exception, match="each process the whole rate"):
+        forks.check_processes(_settings(pg, SESSION_SYNC_RATE_LIMIT_STORE="local"), 2)

@@ -1,0 +1,167 @@
+"""One drain on several processes: ``sweep --once`` using the machine's cores, as a Celery worker would.
+
+A drain is CPU-bound in one Python process long before Pangea or the database is the limit (its
+decisions and row building hold the GIL). Workers already share due work through leases, so a
+drain on N processes is N workers taking batches side by side: no session is taken twice, each
+lane gives its work back if stopped, and a crashed process's work returns after its lease.
+
+The processes are forked once the modules are imported (a spawned one would import them again,
+half a second each), from a parent holding no connection: its pool is emptied first, so no
+socket is shared. Each child builds its own :class:`~worker.runtime.Runtime` from the parent's
+settings, drains, and sends back its counts or its error; the parent adds them up.
+
+More than one process needs a rate limit the processes share (Redis or the database), else N
+processes would each send the whole rate; SQLite's default, a local bucket and one writer, keeps
+one process. :func:`default_processes` says how many a sweep takes when not told.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from worker import errors, ratelimit
+from worker.counts import SyncCounts
+from worker.runtime import Runtime
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: The most processes a sweep takes of itself, however many cores: each opens its own database
+#: pool and HTTP pool (``SESSION_SYNC_CONCURRENCY`` requests each). More with ``--processes``.
+MAX_DEFAULT = 4
+
+#: What a drain imports on its first request (httpx loads its transport lazily): imported by the
+#: parent before it forks, once, rather than by every child.
+_FIRST_REQUEST_IMPORTS = ("httpcore", "anyio._backends._asyncio")
+
+
+def can_fork() -> bool:
+    """Whether this platform forks processes (Linux; not Windows, and macOS only at its own risk)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def shares_rate_limit(settings: Settings) -> bool:
+    """Whether every process draws on one rate limit (Redis or the database), not a bucket each."""
+    return (settings.rate_limit_store or ratelimit.default_store(settings)) != "local"
+
+
+def default_processes(settings: Settings) -> int:
+    """How many processes a sweep takes when not told: the cores, up to :data:`MAX_DEFAULT`.
+
+    One where processes cannot share the work safely: SQLite (one writer), a local rate-limit
+    bucket (N processes would send N times the rate), or a platform that does not fork.
+    """
+    if settings.is_sqlite or not shares_rate_limit(settings) or not can_fork():
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT))
+
+
+def check_processes(settings: Settings, processes: int) -> None:
+    """Refuse a number of processes that would break a promise, in words (a ConfigError)."""
+    if processes <= 1:
+        return
+    if settings.is_sqlite:
+        raise errors.ConfigError("--processes", "SQLite takes one writer: a sweep on it runs in one process")
+    if not shares_rate_limit(settings):
+        raise errors.ConfigError(
+            "--processes",
+            "a local rate-limit bucket (SESSION_SYNC_RATE_LIMIT_STORE=local) would give each process the whole "
+            "rate: share it in Redis or the database, or sweep in one process",
+        )
+    if not can_fork():
+        raise errors.ConfigError("--processes", f"{sys.platform} does not fork: a sweep here runs in one process")
+
+
+def drain(rt: Runtime, processes: int, *, confirm_revocations: bool = False) -> SyncCounts:
+    """Drain every due batch on ``processes`` forked processes and add up their counts.
+
+    Waits for every child even after one fails (none is cut short: its refreshes in flight finish),
+    then raises the first failure as the child raised it. Ctrl-C reaches the whole process group, so
+    each child stops as a one-process sweep would; a stopped parent takes its children with it.
+    """
+    if processes <= 1:
+        return rt.run(rt.engine.drain(confirm_revocations=confirm_revocations))
+    check_processes(rt.settings, processes)
+    if "db_engine" in rt.__dict__:
+        rt.db_engine.dispose()  # no pooled connection crosses the fork; the parent reconnects after
+    for name in _FIRST_REQUEST_IMPORTS:
+        importlib.import_module(name)
+    ctx = multiprocessing.get_context("fork")
+    children = []
+    for _ in range(processes):
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_child, args=(os.getpid(), rt.settings, confirm_revocations, send), daemon=False)
+        child.start()
+        send.close()
+        children.append((child, receive))
+    total, failures = SyncCounts(), []
+    for child, receive in children:
+        outcome = _receive(receive)
+        child.join()
+        if isinstance(outcome, SyncCounts):
+            total.add(outcome)
+        else:
+            failures.append(outcome if outcome else _died(child.exitcode))
+    if failures:
+        raise failures[0]
+    return total
+
+
+def _child(parent: int, settings: Settings, confirm_revocations: bool, send: Connection) -> None:
+    """In the child: a runtime of its own, one drain, its counts or its error sent to the parent."""
+    _end_with(parent)
+    rt = Runtime(settings)
+    try:
+        outcome: object = rt.run(rt.engine.drain(confirm_revocations=confirm_revocations))
+    except BaseException as exc:  # the parent raises it; KeyboardInterrupt included
+        outcome = exc
+    finally:
+        rt.close()
+    send.send_bytes(_pickled(outcome))
+    send.close()
+
+
+def _end_with(parent: int) -> None:
+    """Be sent SIGTERM when the parent ends (cron's timeout, an operator's kill), as its own work would
+    stop: a stopped ``sweep --once`` leaves no process behind, and its leases lapse as they would."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
+def _pickled(outcome: object) -> bytes:
+    """``outcome`` pickled; an error that will not make the round trip goes as a SessionSyncError naming it."""
+    try:
+        pickled = pickle.dumps(outcome)
+        pickle.loads(pickled)
+        return pickled
+    except Exception:
+        return pickle.dumps(errors.SessionSyncError(f"{type(outcome).__name__}: {outcome}"))
+
+
+def _receive(receive: Connection) -> Any:
+    """What a child sent: its counts, its error, or None when it died before sending."""
+    try:
+        return pickle.loads(receive.recv_bytes())
+    except EOFError:
+        return None
+    finally:
+        receive.close()
+
+
+def _died(exitcode: int | None) -> errors.SessionSyncError:
+    """The error of a child that ended without a word (killed, or out of memory)."""
+    how = f"killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    return errors.SessionSyncError(
+        f"a sweep process ended without its counts ({how}); its work returns to the queue after its lease"
+    )
