@@ -152,6 +152,7 @@ def _row(r: dict[str, Any]) -> str:
         _label(r),
         f"{r['sessions']:,}",
         f"{r['wall_s']:.1f}",
+        str(r.get("sweep_processes") or (1 if r["path"] != "baseline" else "")),
         f"{r['sessions_per_s']:,.0f}",
         "" if inner is None else f"{inner:,.0f}",
         _us(r["worker_cpu_s"], r["sessions"]),
@@ -188,10 +189,11 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
     """The markdown between the markers: results, the database's share, routine vs refreshing, targets, commands."""
     rows = sorted(results.values(), key=_order)
     out = [
-        "| path | sessions | process wall s | sessions/s (process) | sessions/s (sweep) | worker CPU µs/session"
-        " | emulator CPU µs/session | PostgreSQL CPU µs/session | peak RSS MB | rows written per check"
-        " | WAL bytes per check | SQL statements per batch | whole run s (with seeding) | load average |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | sessions | process wall s | sweep processes | sessions/s (process) | sessions/s (sweep)"
+        " | worker CPU µs/session | emulator CPU µs/session | PostgreSQL CPU µs/session"
+        " | peak RSS MB (largest process) | rows written per check | WAL bytes per check | SQL statements per batch"
+        " | whole run s (with seeding) | load average |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(_row(r) for r in rows),
         "",
         "The database's share, per run: WAL between `pg_current_wal_lsn()` before and after, rows written per check"
