@@ -122,7 +122,9 @@ def worker(loglevel: str, pool: str | None, concurrency: int | None) -> None:
 
 
 @main.command()
-@click.option("--once", is_flag=True, required=True, help="Run one whole sweep in this process (no broker).")
+@click.option(
+    "--once", is_flag=True, required=True, help="Run one whole sweep now, without a broker (on --processes processes)."
+)
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),

@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import sys
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -54,6 +55,11 @@ def shares_rate_limit(settings: Settings) -> bool:
     return (settings.rate_limit_store or ratelimit.default_store(settings)) != "local"
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, ``taskset``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_processes(settings: Settings) -> int:
     """How many processes a sweep takes when not told: the cores, up to :data:`MAX_DEFAULT`.
 
@@ -62,7 +68,7 @@ def default_processes(settings: Settings) -> int:
     """
     if settings.is_sqlite or not shares_rate_limit(settings) or not can_fork():
         return 1
-    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT))
+    return max(1, min(cores(), MAX_DEFAULT))
 
 
 def check_processes(settings: Settings, processes: int) -> None:
@@ -85,8 +91,10 @@ def drain(rt: Runtime, processes: int, *, confirm_revocations: bool = False) -> 
     """Drain every due batch on ``processes`` forked processes and add up their counts.
 
     Waits for every child even after one fails (none is cut short: its refreshes in flight finish),
-    then raises the first failure as the child raised it. Ctrl-C reaches the whole process group, so
-    each child stops as a one-process sweep would; a stopped parent takes its children with it.
+    then raises the first failure as the child raised it. Interrupted (Ctrl-C, a signal) or unable
+    to start them all, the parent stops the children it started (SIGTERM, as a killed one-process
+    sweep stops: what they held returns after its lease) and waits for them before it raises; a
+    parent killed outright takes them with it (:func:`_end_with`). Call it from the main thread.
     """
     if processes <= 1:
         return rt.run(rt.engine.drain(confirm_revocations=confirm_revocations))
@@ -96,45 +104,84 @@ def drain(rt: Runtime, processes: int, *, confirm_revocations: bool = False) -> 
     for name in _FIRST_REQUEST_IMPORTS:
         importlib.import_module(name)
     ctx = multiprocessing.get_context("fork")
-    children = []
-    for _ in range(processes):
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_child, args=(os.getpid(), rt.settings, confirm_revocations, send), daemon=False)
-        child.start()
-        send.close()
-        children.append((child, receive))
+    children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
     total, failures = SyncCounts(), []
-    for child, receive in children:
-        outcome = _receive(receive)
-        child.join()
-        if isinstance(outcome, SyncCounts):
-            total.add(outcome)
-        else:
-            failures.append(outcome if outcome else _died(child.exitcode))
+    try:
+        for _ in range(processes):
+            receive, send = ctx.Pipe(duplex=False)
+            started = ctx.Process(target=_child, args=(os.getpid(), rt.settings, confirm_revocations, send))
+            try:
+                started.start()
+            except OSError as exc:  # out of processes or memory
+                raise errors.SessionSyncError(f"could not start a sweep process: {exc}") from exc
+            finally:
+                send.close()
+            children.append((started, receive))
+        for child, receive in children:
+            outcome = _receive(receive)
+            child.join()
+            if isinstance(outcome, SyncCounts):
+                total.add(outcome)
+            else:
+                failures.append(outcome if outcome else _died(child.exitcode))
+    except BaseException:
+        _stop(children)
+        raise
+    for failure in failures[1:]:
+        logger.error("A sweep process also failed: %s: %s", type(failure).__name__, failure)
     if failures:
         raise failures[0]
     return total
 
 
+def _stop(children: list[tuple[multiprocessing.process.BaseProcess, Connection]]) -> None:
+    """SIGTERM to each child still running, then wait for them all."""
+    for child, receive in children:
+        receive.close()
+        if child.is_alive():
+            child.terminate()
+    for child, _ in children:
+        child.join()
+
+
 def _child(parent: int, settings: Settings, confirm_revocations: bool, send: Connection) -> None:
-    """In the child: a runtime of its own, one drain, its counts or its error sent to the parent."""
+    """In the child: a runtime of its own, one drain, its counts or its error sent to the parent.
+
+    Never raises: whatever happens is what it sends (an error with its traceback as a note, for the
+    parent to show if it is not one the CLI words itself), so no traceback of its own reaches stderr.
+    """
     _end_with(parent)
-    rt = Runtime(settings)
+    outcome: object
     try:
-        outcome: object = rt.run(rt.engine.drain(confirm_revocations=confirm_revocations))
+        rt = Runtime(settings)
+        try:
+            outcome = rt.run(rt.engine.drain(confirm_revocations=confirm_revocations))
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # done: a late Ctrl-C loses nothing
+            _close(rt)
     except BaseException as exc:  # the parent raises it; KeyboardInterrupt included
+        exc.add_note(f"in sweep process {os.getpid()}:\n{traceback.format_exc().rstrip()}")
         outcome = exc
-    finally:
+    try:
+        send.send_bytes(_pickled(outcome))
+        send.close()
+    except OSError:  # the parent is gone
+        pass
+
+
+def _close(rt: Runtime) -> None:
+    try:
         rt.close()
-    send.send_bytes(_pickled(outcome))
-    send.close()
+    except Exception:
+        logger.warning("A sweep process could not close its connections", exc_info=True)
 
 
 def _end_with(parent: int) -> None:
     """Be sent SIGTERM when the parent ends (cron's timeout, an operator's kill), as its own work would
     stop: a stopped ``sweep --once`` leaves no process behind, and its leases lapse as they would."""
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        logger.warning("A sweep process will outlive its parent: prctl failed (errno %d)", ctypes.get_errno())
     if os.getppid() != parent:  # it ended before the line above
         os._exit(1)
 
@@ -146,7 +193,8 @@ def _pickled(outcome: object) -> bytes:
         pickle.loads(pickled)
         return pickled
     except Exception:
-        return pickle.dumps(errors.SessionSyncError(f"{type(outcome).__name__}: {outcome}"))
+        said = (str(outcome).strip().splitlines() or [""])[0]
+        return pickle.dumps(errors.SessionSyncError(f"{type(outcome).__name__}: {said}"))
 
 
 def _receive(receive: Connection) -> Any:

@@ -21,8 +21,7 @@ import sqlalchemy as sa
 from tests.acceptance import harness
 from tests.conftest import RunningEmulator
 from tests.helpers import env_for, login_many, requests, settings_for
-from worker import forks, models, queries, runtime
-from worker.settings import Settings
+from worker import checks, models, queries, runtime
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -115,12 +114,15 @@ def test_a_sweep_on_two_processes_checks_every_session_once(pg_url: str, emu: Ru
     assert requests(emu, CHECK) - before == SESSIONS
     assert _checked_since(pg_url, ids, started) == SESSIONS
     assert _children(sweep.pid) == []
+    # ... and the sweep's record (what `status` shows) holds the sum
+    status = json.loads(harness.run_cli(env, tmp_path, "status", "--json").stdout)
+    assert (status["last_sweep"]["kind"], status["last_sweep"]["checked"]) == ("once", SESSIONS)
 
 
 def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sweep(
     pg_url: str, emu: RunningEmulator, tmp_path: Path
 ) -> None:
-    # Given healthy sessions due, a slow Pangea and a short lease
+    # Given healthy sessions due, a Pangea at 100 ms, and a lease the sweep outlasts by far
     ids = _seeded(pg_url, emu)
     env = env_for(
         pg_url,
@@ -129,12 +131,12 @@ def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sw
         SESSION_SYNC_BATCH_SIZE="10",
         SESSION_SYNC_CONCURRENCY="10",  # a batch is checked well within its lease
         SESSION_SYNC_BATCHES_IN_FLIGHT="1",
-        SESSION_SYNC_LEASE="3s",
+        SESSION_SYNC_LEASE="5s",
     )
-    emu.admin.faults(latency_ms=200, paths=[CHECK])
+    emu.admin.faults(latency_ms=100, paths=[CHECK])
     started = _database_now(pg_url)
 
-    # When one of the sweep's processes is killed mid-sweep
+    # When one of the sweep's processes is killed with a batch in hand
     sweep = _sweep(env, tmp_path, "--processes", "2")
     harness.wait_for(lambda: len(_children(sweep.pid)) == 2, timeout=60, what="two sweep processes", every=0.02)
     victim = _children(sweep.pid)[0]
@@ -145,17 +147,22 @@ def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sw
     # Then the sweep says so in one line and fails, with no traceback
     assert sweep.returncode == 1, (out, err)
     assert "ended without its counts (killed by signal 9)" in err and "Traceback" not in err
+    # ... the other process did the rest, and what the killed one held waits for its lease to lapse
+    left = SESSIONS - _checked_since(pg_url, ids, started)
+    assert 0 < left <= 10
 
-    # ... and once its lease lapses, the next sweep checks what it held
+    # ... and once it lapses, the next sweep checks exactly that
     emu.admin.clear_faults()
-    time.sleep(3.5)
+    time.sleep(5.5)
     again = harness.run_cli(env, tmp_path, "sweep", "--once", "--json", "--processes", "2")
     assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["checked"] == left
     assert _checked_since(pg_url, ids, started) == SESSIONS
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_sweep_stopped_by_its_parent_leaves_no_process_behind(
-    pg_url: str, emu: RunningEmulator, tmp_path: Path
+    pg_url: str, emu: RunningEmulator, tmp_path: Path, stop: signal.Signals
 ) -> None:
     # Given a sweep on two processes, at work on a slow Pangea
     _seeded(pg_url, emu)
@@ -172,9 +179,9 @@ def test_a_sweep_stopped_by_its_parent_leaves_no_process_behind(
     harness.wait_for(lambda: len(_children(sweep.pid)) == 2, timeout=60, what="two sweep processes", every=0.02)
     children = _children(sweep.pid)
 
-    # When cron's timeout kills the command it started (the parent only)
-    sweep.send_signal(signal.SIGTERM)
-    sweep.communicate(timeout=30)
+    # When cron's timeout or a supervisor stops the command it started (the parent only)
+    sweep.send_signal(stop)
+    _, err = sweep.communicate(timeout=30)
 
     # Then its processes end with it
     harness.wait_for(
@@ -182,6 +189,7 @@ def test_a_sweep_stopped_by_its_parent_leaves_no_process_behind(
         timeout=20,
         what="the sweep's processes to end",
     )
+    assert "Traceback" not in err
 
 
 def _state(pid: int) -> str:
@@ -190,6 +198,19 @@ def _state(pid: int) -> str:
     except OSError:
         return "Z"
     return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def test_a_refused_token_stops_every_process_with_exit_3(pg_url: str, emu: RunningEmulator, tmp_path: Path) -> None:
+    # Given sessions due, and a PANGEA_AUTHN_TOKEN Pangea refuses
+    _seeded(pg_url, emu)
+    env = env_for(pg_url, emu, token="pts_" + "w" * 32, SESSION_SYNC_REVALIDATION="per_token")
+    # When cron sweeps on two processes
+    result = harness.run_cli(env, tmp_path, "sweep", "--once", "--json", "--processes", "2")
+    # Then it stops with the token's exit code, the counts say so, and nothing was checked
+    assert result.returncode == checks.EXIT_TOKEN_REFUSED, result.stderr
+    counts = json.loads(result.stdout)
+    assert counts["stopped"] is True and counts["checked"] == 0
+    assert "Traceback" not in result.stderr
 
 
 def test_more_processes_than_the_settings_allow_is_a_clear_error_that_sweeps_nothing(tmp_path: Path) -> None:
@@ -206,23 +227,3 @@ def test_more_processes_than_the_settings_allow_is_a_clear_error_that_sweeps_not
         "session-sync: configuration error: --processes: SQLite takes one writer: a sweep on it runs in one process"
     )
     assert db.read_bytes() == before
-
-
-def _settings(url: str, **extra: str) -> Settings:
-    return Settings.from_env(env_for(url, "http://127.0.0.1:9", token="pts_x", **extra))
-
-
-def test_a_sweep_takes_the_cores_only_where_its_processes_share_one_rate_limit(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    pg = "postgresql://u@127.0.0.1:5432/db"
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert forks.default_processes(_settings(pg)) == forks.MAX_DEFAULT  # the database holds the bucket
-    assert forks.default_processes(_settings(pg, CELERY_BROKER_URL="redis://127.0.0.1:6379/0")) == forks.MAX_DEFAULT
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert forks.default_processes(_settings(pg)) == 2
-    # A bucket each would send the rate once per process; SQLite has one writer
-    assert forks.default_processes(_settings(pg, SESSION_SYNC_RATE_LIMIT_STORE="local")) == 1
-    assert forks.default_processes(_settings(f"sqlite:///{tmp_path / 'a.db'}")) == 1
-    with pytest.raises(Exception, match="each process the whole rate"):
-        forks.check_processes(_settings(pg, SESSION_SYNC_RATE_LIMIT_STORE="local"), 2)
