@@ -80,6 +80,18 @@ def _checked_since(pg_url: str, ids: list[int], since: Any) -> int:
         engine.dispose()
 
 
+def _live_claims(pg_url: str) -> int:
+    """How many claims hold sessions now (with one batch in flight each, how many processes hold one)."""
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as db:
+            S = models.LocalSession
+            live = sa.select(sa.func.count(sa.distinct(S.claim_token))).where(S.claimed_until > sa.func.now())
+            return int(db.execute(live).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def _database_now(pg_url: str) -> Any:
     engine = sa.create_engine(pg_url)
     try:
@@ -131,7 +143,7 @@ def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sw
         SESSION_SYNC_BATCH_SIZE="10",
         SESSION_SYNC_CONCURRENCY="10",  # a batch is checked well within its lease
         SESSION_SYNC_BATCHES_IN_FLIGHT="1",
-        SESSION_SYNC_LEASE="5s",
+        SESSION_SYNC_LEASE="8s",
     )
     emu.admin.faults(latency_ms=100, paths=[CHECK])
     started = _database_now(pg_url)
@@ -140,7 +152,7 @@ def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sw
     sweep = _sweep(env, tmp_path, "--processes", "2")
     harness.wait_for(lambda: len(_children(sweep.pid)) == 2, timeout=60, what="two sweep processes", every=0.02)
     victim = _children(sweep.pid)[0]
-    harness.wait_for(lambda: requests(emu, CHECK) > 0, timeout=60, what="checks under way", every=0.02)
+    harness.wait_for(lambda: _live_claims(pg_url) == 2, timeout=60, what="a batch in each process's hand", every=0.01)
     os.kill(victim, signal.SIGKILL)
     out, err = sweep.communicate(timeout=120)
 
@@ -153,7 +165,7 @@ def test_a_killed_sweep_process_is_reported_and_its_work_is_taken_by_the_next_sw
 
     # ... and once it lapses, the next sweep checks exactly that
     emu.admin.clear_faults()
-    time.sleep(5.5)
+    time.sleep(8.5)
     again = harness.run_cli(env, tmp_path, "sweep", "--once", "--json", "--processes", "2")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["checked"] == left
