@@ -128,7 +128,10 @@ def worker(loglevel: str, pool: str | None, concurrency: int | None) -> None:
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),
-    help="Processes sharing the sweep. Default: the cores, up to 4, on PostgreSQL with a shared rate limit; else 1.",
+    help=(
+        "Processes sharing the sweep. Default on PostgreSQL with a shared rate limit: the cores, up to 4"
+        " and what the rate serves within half a lease; else 1."
+    ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @clear_errors

@@ -61,14 +61,27 @@ def cores() -> int:
 
 
 def default_processes(settings: Settings) -> int:
-    """How many processes a sweep takes when not told: the cores, up to :data:`MAX_DEFAULT`.
+    """How many processes a sweep takes when not told: the cores, up to :data:`MAX_DEFAULT` and
+    :func:`served_within_lease`.
 
     One where processes cannot share the work safely: SQLite (one writer), a local rate-limit
     bucket (N processes would send N times the rate), or a platform that does not fork.
     """
     if settings.is_sqlite or not shares_rate_limit(settings) or not can_fork():
         return 1
-    return max(1, min(cores(), MAX_DEFAULT))
+    return max(1, min(cores(), MAX_DEFAULT, served_within_lease(settings)))
+
+
+def served_within_lease(settings: Settings) -> int:
+    """How many processes the shared rate serves within half a lease, at one request a session.
+
+    Each process holds ``batches_in_flight`` batches of ``batch_size`` sessions, and they all wait
+    on one rate limit: a batch that waits past its lease is taken again by another lane and its
+    first checks are wasted. Per-token checks send one request a session (a bulk list one a batch),
+    so this counts the worst case. The defaults (4 batches of 500, 100 requests/s, 2 min) give 3.
+    """
+    in_hand = settings.batches_in_flight * settings.batch_size
+    return int(settings.rate_limit * settings.lease.total_seconds() / 2 // in_hand)
 
 
 def check_processes(settings: Settings, processes: int) -> None:

@@ -24,8 +24,10 @@ def test_a_sweep_takes_the_cores_only_where_its_processes_share_one_rate_limit(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(forks, "cores", lambda: 8)
-    assert forks.default_processes(_settings(PG)) == forks.MAX_DEFAULT  # the database holds the bucket
-    assert forks.default_processes(_settings(PG, CELERY_BROKER_URL="redis://127.0.0.1:6379/0")) == forks.MAX_DEFAULT
+    fast = {"SESSION_SYNC_RATE_LIMIT": "1000"}  # the rate is not the limit here (see below)
+    assert forks.default_processes(_settings(PG, **fast)) == forks.MAX_DEFAULT  # the database holds the bucket
+    redis = _settings(PG, CELERY_BROKER_URL="redis://127.0.0.1:6379/0", **fast)
+    assert forks.default_processes(redis) == forks.MAX_DEFAULT
     monkeypatch.setattr(forks, "cores", lambda: 2)
     assert forks.default_processes(_settings(PG)) == 2
     # A bucket each would send the rate once per process; SQLite has one writer
@@ -34,6 +36,17 @@ def test_a_sweep_takes_the_cores_only_where_its_processes_share_one_rate_limit(
     with pytest.raises(errors.ConfigError, match="each process the whole rate"):
         forks.check_processes(_settings(PG, SESSION_SYNC_RATE_LIMIT_STORE="local"), 2)
     forks.check_processes(_settings(PG, SESSION_SYNC_RATE_LIMIT_STORE="local"), 1)  # one is always fine
+
+
+def test_a_sweep_takes_no_more_processes_than_the_rate_serves_within_a_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forks, "cores", lambda: 8)
+    # The defaults: 4 batches of 500 in each process's hand, 100 requests/s, a 2-minute lease
+    assert forks.default_processes(_settings(PG)) == 3
+    # A slower rate: two processes would leave batches waiting on it past their lease
+    assert forks.default_processes(_settings(PG, SESSION_SYNC_RATE_LIMIT="20")) == 1
+    # A faster one, or smaller batches: the cores are the limit again
+    assert forks.default_processes(_settings(PG, SESSION_SYNC_RATE_LIMIT="1000")) == forks.MAX_DEFAULT
+    assert forks.default_processes(_settings(PG, SESSION_SYNC_BATCH_SIZE="100")) == forks.MAX_DEFAULT
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this platform")
