@@ -68,37 +68,32 @@ def _seeded(pg_url: str, emu: RunningEmulator) -> list[int]:
     return ids
 
 
-def _checked_since(pg_url: str, ids: list[int], since: Any) -> int:
+S = models.LocalSession
+
+
+def _scalar(pg_url: str, statement: sa.Executable) -> Any:
+    """One value read from the database, on a connection of its own (the sweep runs beside it)."""
     engine = sa.create_engine(pg_url)
     try:
         with engine.connect() as db:
-            S = models.LocalSession
-            return int(
-                db.execute(sa.select(sa.func.count()).where(S.id.in_(ids), S.last_checked_at >= since)).scalar_one()
-            )
+            return db.execute(statement).scalar_one()
     finally:
         engine.dispose()
+
+
+def _checked_since(pg_url: str, ids: list[int], since: Any) -> int:
+    return int(_scalar(pg_url, sa.select(sa.func.count()).where(S.id.in_(ids), S.last_checked_at >= since)))
 
 
 def _live_claims(pg_url: str) -> int:
     """How many claims hold sessions now (with one batch in flight each, how many processes hold one)."""
-    engine = sa.create_engine(pg_url)
-    try:
-        with engine.connect() as db:
-            S = models.LocalSession
-            live = sa.select(sa.func.count(sa.distinct(S.claim_token))).where(S.claimed_until > sa.func.now())
-            return int(db.execute(live).scalar_one())
-    finally:
-        engine.dispose()
+    return int(
+        _scalar(pg_url, sa.select(sa.func.count(sa.distinct(S.claim_token))).where(S.claimed_until > sa.func.now()))
+    )
 
 
 def _database_now(pg_url: str) -> Any:
-    engine = sa.create_engine(pg_url)
-    try:
-        with engine.connect() as db:
-            return db.execute(sa.text("select now()")).scalar_one()
-    finally:
-        engine.dispose()
+    return _scalar(pg_url, sa.select(sa.func.now()))
 
 
 def test_a_sweep_on_two_processes_checks_every_session_once(pg_url: str, emu: RunningEmulator, tmp_path: Path) -> None:
