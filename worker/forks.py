@@ -12,7 +12,8 @@ settings, drains, and sends back its counts or its error; the parent adds them u
 
 More than one process needs a rate limit the processes share (Redis or the database), else N
 processes would each send the whole rate; SQLite's default, a local bucket and one writer, keeps
-one process. :func:`default_processes` says how many a sweep takes when not told.
+one process. :func:`default_processes` says how many a sweep takes when not told: the cores, up
+to :data:`MAX_DEFAULT`, and no more than the shared rate serves within half a lease.
 """
 
 from __future__ import annotations
