@@ -68,7 +68,7 @@ def default_processes(settings: Settings) -> int:
     One where processes cannot share the work safely: SQLite (one writer), a local rate-limit
     bucket (N processes would send N times the rate), or a platform that does not fork.
     """
-    if settings.is_sqlite or not shares_rate_limit(settings) or not can_fork():
+    if one_process_only(settings):
         return 1
     return max(1, min(cores(), MAX_DEFAULT, served_within_lease(settings)))
 
@@ -85,20 +85,25 @@ def served_within_lease(settings: Settings) -> int:
     return int(settings.rate_limit * settings.lease.total_seconds() / 2 // in_hand)
 
 
-def check_processes(settings: Settings, processes: int) -> None:
-    """Refuse a number of processes that would break a promise, in words (a ConfigError)."""
-    if processes <= 1:
-        return
+def one_process_only(settings: Settings) -> str | None:
+    """Why a sweep with these settings must run in one process, in words; None when it may run on more."""
     if settings.is_sqlite:
-        raise errors.ConfigError("--processes", "SQLite takes one writer: a sweep on it runs in one process")
+        return "SQLite takes one writer: a sweep on it runs in one process"
     if not shares_rate_limit(settings):
-        raise errors.ConfigError(
-            "--processes",
+        return (
             "a local rate-limit bucket (SESSION_SYNC_RATE_LIMIT_STORE=local) would give each process the whole "
-            "rate: share it in Redis or the database, or sweep in one process",
+            "rate: share it in Redis or the database, or sweep in one process"
         )
     if not can_fork():
-        raise errors.ConfigError("--processes", f"{sys.platform} does not fork: a sweep here runs in one process")
+        return f"{sys.platform} does not fork: a sweep here runs in one process"
+    return None
+
+
+def check_processes(settings: Settings, processes: int) -> None:
+    """Refuse a number of processes that would break a promise, in words (a ConfigError)."""
+    why = one_process_only(settings) if processes > 1 else None
+    if why is not None:
+        raise errors.ConfigError("--processes", why)
 
 
 def drain(rt: Runtime, processes: int, *, confirm_revocations: bool = False) -> SyncCounts:
