@@ -11,12 +11,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 import orjson
 
 from worker import errors, frozen
+
+T = TypeVar("T")
 
 #: The six keys of every Pangea response, no more, no fewer.
 ENVELOPE_KEYS = frozenset({"request_id", "request_time", "response_time", "status", "summary", "result"})
@@ -280,10 +282,7 @@ class SessionPage:
     @classmethod
     def from_wire(cls, result: object, *, request_id: str) -> SessionPage:
         """A SessionPage from an envelope's ``result``."""
-        items, last, count = _page(result)
-        sessions = tuple(
-            _session_item(s) or SessionItem._checked(s, f"result.sessions[{i}]") for i, s in enumerate(items)
-        )
+        sessions, last, count = _page(result, _session_item, SessionItem._checked)
         return cls(sessions=sessions, last=last, count=count, request_id=request_id)
 
 
@@ -330,15 +329,15 @@ class ListedPage:
     @classmethod
     def from_wire(cls, result: object, *, request_id: str) -> ListedPage:
         """A ListedPage from an envelope's ``result``."""
-        items, last, _ = _page(result)
-        sessions = tuple(
-            _listed_session(s) or ListedSession._checked(s, f"result.sessions[{i}]") for i, s in enumerate(items)
-        )
+        sessions, last, _ = _page(result, _listed_session, ListedSession._checked)
         return cls(sessions=sessions, last=last, request_id=request_id)
 
 
-def _page(result: object) -> tuple[list[object], str, int | None]:
-    """A list page's ``sessions``, ``last`` and ``count``, their types checked."""
+def _page(
+    result: object, fast: Callable[[object], T | None], checked: Callable[[object, str], T]
+) -> tuple[tuple[T, ...], str, int | None]:
+    """A list page's ``sessions`` (each read by ``fast``, else by ``checked``, which names the bad
+    field), ``last`` and ``count``, their types checked."""
     obj = _object(result, "result")
     items = obj.get("sessions")
     if items is None:
@@ -349,7 +348,8 @@ def _page(result: object) -> tuple[list[object], str, int | None]:
     count = obj.get("count")
     if not isinstance(last, str) or not (count is None or type(count) is int):
         raise errors.AuthnProtocolError("result.last or result.count has the wrong type")
-    return items, last, count
+    sessions = tuple(fast(s) or checked(s, f"result.sessions[{i}]") for i, s in enumerate(items))
+    return sessions, last, count
 
 
 def parse_envelope(body: bytes, *, path: str, header_request_id: str | None) -> Envelope:
