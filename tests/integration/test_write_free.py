@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from tests.conftest import RunningEmulator
 from tests.helpers import active_token, login_many, requests, row
 from worker import models, operations, queries, runtime, sessions
+from worker.counts import SyncCounts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +47,15 @@ def on_groups(rt: runtime.Runtime, ids: list[int]) -> None:
 def groups_due_now(rt: runtime.Runtime) -> None:
     with rt.sessions.begin() as db:
         db.execute(sa.update(G).values(next_check_at=rt.clock()))
+
+
+def a_round_changes(rt: runtime.Runtime, ids: list[int]) -> tuple[SyncCounts, list[int]]:
+    """Every group's round, drained: its counts, and which of ``ids`` had their row changed by it."""
+    before = {r[0]: r for r in snapshot(rt)[0]}
+    groups_due_now(rt)
+    counts = rt.run(rt.engine.drain())
+    after = {r[0]: r for r in snapshot(rt)[0]}
+    return counts, [sid for sid in ids if after[sid] != before[sid]]
 
 
 @pytest.mark.parametrize("revalidation", ["bulk", "per_token"])
@@ -86,16 +96,13 @@ def test_only_the_sessions_whose_facts_changed_are_written(make_runtime: Any, em
     on_groups(rt, ids)
     killed = ids[3]
     rt.run(rt.client.session_invalidate(row(rt, killed).pangea_session_id or ""))
-    before = {r[0]: r for r in snapshot(rt)[0]}
 
     # When the rounds come round
-    groups_due_now(rt)
-    counts = rt.run(rt.engine.drain())
+    counts, changed = a_round_changes(rt, ids)
 
     # Then the killed one is revoked, with its audit row, and the others are as they were
     assert (counts.checked, counts.revoked, counts.kept) == (12, 1, 11)
-    after = {r[0]: r for r in snapshot(rt)[0]}
-    assert [sid for sid in ids if after[sid] != before[sid]] == [killed]
+    assert changed == [killed]
     assert row(rt, killed).state is models.SessionState.REVOKED
     report = operations.session_report(rt, killed)
     assert report is not None and [e["action"] for e in report["events"]][:1] == ["revoked"]
@@ -110,16 +117,13 @@ def test_a_session_whose_expiry_moved_at_pangea_is_written_with_it(make_runtime:
     pangea_expiry = row(rt, moved).active_expires_at
     with rt.sessions.begin() as db:
         db.execute(sa.update(S).where(S.id == moved).values(active_expires_at=pangea_expiry - timedelta(minutes=10)))
-    before = {r[0]: r for r in snapshot(rt)[0]}
 
     # When the rounds come round (the session list tells every expiry)
-    groups_due_now(rt)
-    counts = rt.run(rt.engine.drain())
+    counts, changed = a_round_changes(rt, ids)
 
     # Then that session alone is written, with Pangea's expiry, and the change is explained
     assert (counts.checked, counts.kept, counts.revoked) == (6, 6, 0)
-    after = {r[0]: r for r in snapshot(rt)[0]}
-    assert [sid for sid in ids if after[sid] != before[sid]] == [moved]
+    assert changed == [moved]
     assert row(rt, moved).active_expires_at == pangea_expiry and row(rt, moved).next_check_at is None
     report = operations.session_report(rt, moved)
     assert report is not None and [e["action"] for e in report["events"]][:1] == ["kept"]
