@@ -325,12 +325,12 @@ def test_a_session_logged_out_while_its_refresh_is_in_flight_leaves_nothing_aliv
     clock.advance(5.2)  # inside the refresh margin of an 8 s token, as the worker sees it
     # Given a refresh that takes three seconds to come back
     emu.admin.faults(latency_ms=3000, paths=["/v2/client/session/refresh"])
+    version = row(rt, sid).version  # read first: a worker quick to take its hold must not be missed
     refreshing = threading.Thread(target=lambda: rt.run(rt.engine.resync(session_ids=[sid])))
     refreshing.start()
 
     # When the user logs out in the app meanwhile (once the worker took the refresh hold, which
     # moves the row's version, and the request is on its way)
-    version = row(rt, sid).version
     deadline = time.monotonic() + 20
     while row(rt, sid).version == version and time.monotonic() < deadline:
         time.sleep(0.05)
